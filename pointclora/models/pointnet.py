@@ -1,0 +1,59 @@
+"""Mini-PointNet that turns each point patch into one token."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-size-1 Conv1d applied to channels-last ``x (..., C_in)`` as a matrix product."""
+    return F.linear(x, conv.weight.squeeze(-1), conv.bias)
+
+
+def _batch_norm_relu(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm over every point of every patch (channels last), then ReLU in place.
+
+    ``(M, S, C)`` viewed as ``(M * S, C)`` gives the same statistics as BatchNorm1d on
+    ``(M, C, S)``, so training and the running buffers match the official Conv1d model.
+    """
+    return F.relu(bn(x.reshape(-1, x.shape[-1])), inplace=True).view_as(x)
+
+
+class MiniPointNet(nn.Module):
+    """Shared MLP 3-128-256, max-pool, concat [global, per-point], MLP 512-512-C, max-pool.
+
+    The parameters live in the official modules (``first_conv`` / ``second_conv`` Sequentials of
+    Conv1d and BatchNorm1d), so keys and shapes are those of the official checkpoints. The
+    forward does not call those Sequentials: it runs channels-last with ``F.linear``, which
+    avoids the transposes and the slow Conv1d path, and applies the first 512-wide layer to the
+    concatenation as ``W_global @ g + W_point @ f``, so the global half is computed once per
+    patch rather than once per point. The result is the official function up to float rounding.
+    """
+
+    def __init__(self, out_dims: int):
+        super().__init__()
+        self.out_dims = out_dims
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+        )
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(512, 512, 1),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(512, out_dims, 1),
+        )
+
+    def forward(self, neighborhood: torch.Tensor) -> torch.Tensor:
+        """``neighborhood (B, G, S, 3)`` -> tokens ``(B, G, out_dims)``."""
+        B, G, S, _ = neighborhood.shape
+        conv1, bn1, _, conv2 = self.first_conv
+        conv3, bn2, _, conv4 = self.second_conv
+        x = neighborhood.reshape(B * G, S, 3)
+        feature = _pointwise(conv2, _batch_norm_relu(bn1, _pointwise(conv1, x)))
+        glob = feature.amax(dim=1, keepdim=True)
+        c = glob.shape[-1]
+        w = conv3.weight.squeeze(-1)
+        x = F.linear(feature, w[:, c:]) + F.linear(glob, w[:, :c], conv3.bias)
+        x = _pointwise(conv4, _batch_norm_relu(bn2, x))
+        return x.amax(dim=1).reshape(B, G, self.out_dims)
