@@ -1,0 +1,129 @@
+"""CLoRA: low-rank modules built from shared base spaces, with the SADE regulariser.
+
+Row-vector convention (``y = x W``): the bank holds ``p`` down spaces ``D_h (d_in, r)``
+per input size and ``p`` up spaces ``U_h (r, d_out)`` per output size, shared by every
+low-rank module (LRM). LRM ``j`` owns ``Q_h^j (r, r)`` and
+``Delta W_j = sum_h D_h Q_h^j U_h`` (rank up to ``p r``). SADE penalises the similarity
+of the ``p`` parts ``A_h = D_h Q_h^j U_h`` of each LRM, computed from ``r x r`` Gram
+matrices (``O(p^2 r^2 d)``) instead of the ``d x d`` products.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LowRankLinear
+
+SIMILARITIES = ("cross_gram", "cosine")
+INITS = ("orthonormal", "normal")
+
+
+def _orthonormal_spaces(p: int, d: int, r: int) -> torch.Tensor:
+    """``(p, d, r)``, orthonormal columns; also orthogonal across ``h`` when ``p r <= d``."""
+    if p * r <= d:
+        q = torch.linalg.qr(torch.randn(d, p * r)).Q
+        return q.reshape(d, p, r).permute(1, 0, 2).contiguous()
+    return torch.linalg.qr(torch.randn(p, d, r)).Q
+
+
+class CLoRABank(nn.Module):
+    """The shared spaces, registered once on the model (``model.clora_bank``)."""
+
+    def __init__(self, p: int, r: int, init: str = "orthonormal"):
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown CLoRA init {init!r}; valid: {', '.join(INITS)}")
+        self.p, self.r, self.init = p, r, init
+        self.down = nn.ParameterDict()  # key str(d_in): (p, d_in, r)
+        self.up = nn.ParameterDict()  # key str(d_out): (p, r, d_out)
+
+    def _new(self, d: int) -> torch.Tensor:
+        if self.init == "orthonormal":
+            return _orthonormal_spaces(self.p, d, self.r)
+        return torch.randn(self.p, d, self.r) / d**0.5
+
+    def spaces(self, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``D (p, d_in, r)`` and ``U (p, r, d_out)``, created on first request."""
+        if str(d_in) not in self.down:
+            self.down[str(d_in)] = nn.Parameter(self._new(d_in))
+        if str(d_out) not in self.up:
+            self.up[str(d_out)] = nn.Parameter(self._new(d_out).transpose(1, 2).contiguous())
+        return self.down[str(d_in)], self.up[str(d_out)]
+
+
+def sade(
+    down: torch.Tensor,
+    up: torch.Tensor,
+    q: torch.Tensor,
+    similarity: str = "cross_gram",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Sum over LRMs ``j`` and pairs ``h != k`` of ``sim(A_h^j, A_k^j)``.
+
+    ``down (p, d_in, r)``, ``up (p, r, d_out)``, ``q (m, p, r, r)``.
+    ``cross_gram``: ``||A_h A_k^T||_F^2 / (||A_h||_F^2 ||A_k||_F^2 + eps)``;
+    ``cosine``: ``<A_h, A_k>_F^2 / (||A_h||_F^2 ||A_k||_F^2 + eps)``.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(
+            f"unknown SADE similarity {similarity!r}; valid: {', '.join(SIMILARITIES)}"
+        )
+    p = down.shape[0]
+    gd = torch.einsum("hir,kis->hkrs", down, down)  # D_h^T D_k
+    gu = torch.einsum("hro,kso->hkrs", up, up)  # U_h U_k^T
+    # <A_h, A_k>_F = <Q_h, GD_hk Q_k GU_kh>_F, indexed [j, h, k]
+    inner = (q[:, :, None] * (gd[None] @ q[:, None] @ gu.transpose(0, 1)[None])).sum((-2, -1))
+    sq_norm = inner.diagonal(dim1=1, dim2=2)
+    denom = sq_norm[:, :, None] * sq_norm[:, None, :] + eps
+    if similarity == "cosine":
+        num = inner.square()
+    else:
+        # A_h A_k^T = D_h M D_k^T, M = Q_h GU_hk Q_k^T; ||.||_F^2 = <GD_hh M GD_kk, M>_F
+        m = q[:, :, None] @ gu[None] @ q[:, None].transpose(-1, -2)
+        g_diag = gd.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # GD_hh, (p, r, r)
+        num = ((g_diag[None, :, None] @ m @ g_diag[None, None, :]) * m).sum((-2, -1))
+    off_diag = ~torch.eye(p, dtype=torch.bool, device=q.device)
+    return (num / denom)[:, off_diag].sum()
+
+
+class CLoRALinear(LowRankLinear):
+    """One LRM per output slice, each owning ``p`` matrices ``Q_h (r, r)``, zero at start."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        bank: CLoRABank,
+        n_slices: int = 1,
+        sade_weight: float = 0.0,
+        sade_similarity: str = "cross_gram",
+        sade_eps: float = 1e-8,
+    ):
+        super().__init__(base_layer, n_slices)
+        if sade_similarity not in SIMILARITIES:
+            raise ValueError(
+                f"unknown SADE similarity {sade_similarity!r}; valid: {', '.join(SIMILARITIES)}"
+            )
+        bank.spaces(self.in_features, self.slice_out)
+        # A plain reference: the bank is registered (and counted) once, on the model.
+        object.__setattr__(self, "bank", bank)
+        self.clora_Q = nn.Parameter(torch.zeros(n_slices, bank.p, bank.r, bank.r))
+        self.sade_weight, self.sade_similarity, self.sade_eps = (
+            sade_weight, sade_similarity, sade_eps
+        )
+
+    def _spaces(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bank.down[str(self.in_features)], self.bank.up[str(self.slice_out)]
+
+    def slice_deltas(self) -> torch.Tensor:
+        down, up = self._spaces()
+        dq = torch.einsum("hir,jhrs->jhis", down, self.clora_Q)  # D_h Q_h^j
+        return torch.einsum("jhis,hso->joi", dq, up)  # (sum_h D_h Q_h^j U_h)^T
+
+    def regularization(self) -> torch.Tensor | None:
+        if self.sade_weight == 0:
+            return None
+        down, up = self._spaces()
+        return self.sade_weight * sade(down, up, self.clora_Q, self.sade_similarity, self.sade_eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, p={self.bank.p}, r={self.bank.r}"

@@ -1,0 +1,26 @@
+"""Serial LoRA: one low-rank pair composed before the frozen projection.
+
+``y = W (x + s B A x) + b``, so on a fused qkv layer q, k and v share the pair; the
+merged weight is ``W (I + s B A)``, i.e. ``Delta W = s W B A``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LowRankLinear, low_rank_pair
+
+
+class SerialLoRALinear(LowRankLinear):
+    """``A (r, d_in)`` random, ``B (d_in, r)`` zero: the layer starts as the frozen one."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float):
+        super().__init__(base_layer)
+        self.r = r
+        self.scaling = alpha / r
+        a, b = low_rank_pair(1, r, self.in_features, self.in_features)
+        self.serial_A, self.serial_B = nn.Parameter(a[0]), nn.Parameter(b[0])
+
+    def slice_deltas(self) -> torch.Tensor:
+        inner = self.scaling * (self.serial_B @ self.serial_A)
+        return (self.base_layer.weight @ inner.to(self.base_layer.weight.dtype))[None]
