@@ -1,0 +1,245 @@
+// Farthest point sampling and k nearest neighbours on the CPU.
+//
+// Semantics (shared with the CUDA kernels and the pure-torch fallback, see docs/ops.md):
+//  * squared distances are ((dx*dx + dy*dy) + dz*dz) in float32, never contracted to FMA
+//    (the build passes -ffp-contract=off), so every backend returns the same indices;
+//  * FPS follows pointnet2_ops: start at index 0, running distance starts at 1e10, points
+//    with x^2+y^2+z^2 <= 1e-3 are never picked after the first, ties go to the lower index;
+//  * kNN results are sorted by increasing distance, ties to the lower index.
+//
+// Clouds are copied to float32 structure-of-arrays blocks so the inner loops run on
+// 8-wide vectors (GCC/Clang vector extensions; an AVX2 clone is chosen at load time on
+// x86-64). Work is split over clouds (FPS) or queries (kNN) with at::parallel_for, which
+// follows torch.set_num_threads.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 8;
+constexpr int64_t kBlock = 2 * kLanes;  // two independent accumulators per step
+constexpr float kFpsInit = 1e10f;        // pointnet2_ops' initial running distance
+constexpr double kOriginEps = 1e-3;      // compared in double, as in pointnet2_ops
+
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define POINTCLORA_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define POINTCLORA_SIMD_CLONES
+#endif
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline vfloat splat(float s) {
+  vfloat v;
+  for (int64_t l = 0; l < kLanes; ++l) v[l] = s;
+  return v;
+}
+
+inline vint iota(int32_t start) {
+  vint v;
+  for (int64_t l = 0; l < kLanes; ++l) v[l] = start + static_cast<int32_t>(l);
+  return v;
+}
+
+inline vint splat(int32_t s) {
+  vint v;
+  for (int64_t l = 0; l < kLanes; ++l) v[l] = s;
+  return v;
+}
+
+inline bool any(vint mask) {
+  uint64_t words[sizeof(vint) / sizeof(uint64_t)];
+  std::memcpy(words, &mask, sizeof(mask));
+  uint64_t acc = 0;
+  for (uint64_t w : words) acc |= w;
+  return acc != 0;
+}
+
+inline int64_t padded(int64_t n) { return (n + kBlock - 1) / kBlock * kBlock; }
+
+inline vfloat sqdist(vfloat x, vfloat y, vfloat z, vfloat cx, vfloat cy, vfloat cz) {
+  const vfloat dx = x - cx, dy = y - cy, dz = z - cz;
+  return dx * dx + dy * dy + dz * dz;
+}
+
+// (x, y, z) planes of one cloud, padded to a multiple of kBlock with zeros.
+void to_soa(const float* xyz, int64_t n, float* x, float* y, float* z) {
+  const int64_t np = padded(n);
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = xyz[3 * i];
+    y[i] = xyz[3 * i + 1];
+    z[i] = xyz[3 * i + 2];
+  }
+  std::fill(x + n, x + np, 0.f);
+  std::fill(y + n, y + np, 0.f);
+  std::fill(z + n, z + np, 0.f);
+}
+
+// One cloud. `work` holds 4 * padded(n) floats. Points that may never be picked carry a
+// running distance of -1: min() keeps it there and the strict `>` against the initial
+// best of -1 skips them, exactly like pointnet2_ops' `continue`.
+POINTCLORA_SIMD_CLONES
+void fps_cloud(const float* xyz, int64_t n, int64_t m, int64_t* out, float* work) {
+  const int64_t np = padded(n);
+  float *x = work, *y = work + np, *z = work + 2 * np, *dist = work + 3 * np;
+  to_soa(xyz, n, x, y, z);
+  for (int64_t i = 0; i < np; ++i) {
+    const float mag = x[i] * x[i] + y[i] * y[i] + z[i] * z[i];
+    dist[i] = (i < n && static_cast<double>(mag) > kOriginEps) ? kFpsInit : -1.f;
+  }
+  int64_t old = 0;
+  out[0] = 0;
+  const vint step = splat(static_cast<int32_t>(kBlock));
+  for (int64_t j = 1; j < m; ++j) {
+    const vfloat cx = splat(x[old]), cy = splat(y[old]), cz = splat(z[old]);
+    vfloat best0 = splat(-1.f), best1 = splat(-1.f);
+    vint arg0 = splat(0), arg1 = splat(0);
+    vint idx0 = iota(0), idx1 = iota(kLanes);
+    for (int64_t i = 0; i < np; i += kBlock) {
+      vfloat d0 = sqdist(load(x + i), load(y + i), load(z + i), cx, cy, cz);
+      vfloat d1 = sqdist(load(x + i + kLanes), load(y + i + kLanes), load(z + i + kLanes),
+                         cx, cy, cz);
+      const vfloat r0 = load(dist + i), r1 = load(dist + i + kLanes);
+      d0 = d0 < r0 ? d0 : r0;
+      d1 = d1 < r1 ? d1 : r1;
+      store(dist + i, d0);
+      store(dist + i + kLanes, d1);
+      const vint up0 = d0 > best0, up1 = d1 > best1;
+      best0 = up0 ? d0 : best0;
+      arg0 = up0 ? idx0 : arg0;
+      best1 = up1 ? d1 : best1;
+      arg1 = up1 ? idx1 : arg1;
+      idx0 += step;
+      idx1 += step;
+    }
+    // Each lane holds its lowest index among its maxima; the lowest of the tied lanes wins.
+    float best = -1.f;
+    int32_t arg = 0;
+    auto offer = [&](float v, int32_t a) {
+      if (v > best || (v == best && a < arg)) {
+        best = v;
+        arg = a;
+      }
+    };
+    for (int64_t l = 0; l < kLanes; ++l) {
+      offer(best0[l], arg0[l]);
+      offer(best1[l], arg1[l]);
+    }
+    old = arg;
+    out[j] = old;
+  }
+}
+
+at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
+  TORCH_CHECK(xyz.dim() == 3 && xyz.size(2) == 3 && xyz.scalar_type() == at::kFloat &&
+                  xyz.is_contiguous() && xyz.device().is_cpu(),
+              "furthest_point_sample: xyz must be a contiguous float32 CPU tensor (B, N, 3)");
+  const int64_t b = xyz.size(0), n = xyz.size(1);
+  TORCH_CHECK(npoint >= 1 && npoint <= n, "furthest_point_sample: need 1 <= npoint <= N");
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max() - kBlock, "furthest_point_sample: N too large");
+  at::Tensor out = at::empty({b, npoint}, xyz.options().dtype(at::kLong));
+  const float* src = xyz.data_ptr<float>();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> work(4 * padded(n));
+    for (int64_t c = begin; c < end; ++c) {
+      fps_cloud(src + c * n * 3, n, npoint, dst + c * npoint, work.data());
+    }
+  });
+  return out;
+}
+
+// Sorted insertion into a full or filling top-k list; equal distances keep the earlier
+// (lower) index in front because candidates arrive in increasing index order.
+inline void insert(float* best_d, int64_t* best_i, int64_t& count, int64_t k, float d,
+                   int64_t i) {
+  int64_t pos = count < k ? count++ : k - 1;
+  while (pos > 0 && best_d[pos - 1] > d) {
+    best_d[pos] = best_d[pos - 1];
+    best_i[pos] = best_i[pos - 1];
+    --pos;
+  }
+  best_d[pos] = d;
+  best_i[pos] = i;
+}
+
+// k nearest reference points of one query. `d` receives padded(n) distances.
+POINTCLORA_SIMD_CLONES
+void knn_query(const float* x, const float* y, const float* z, int64_t n, const float* q,
+               int64_t k, float* d, float* best_d, int64_t* best_i) {
+  const int64_t np = padded(n);
+  const vfloat qx = splat(q[0]), qy = splat(q[1]), qz = splat(q[2]);
+  for (int64_t i = 0; i < np; i += kLanes) {
+    store(d + i, sqdist(load(x + i), load(y + i), load(z + i), qx, qy, qz));
+  }
+  int64_t count = 0;
+  for (int64_t i = 0; i < k; ++i) insert(best_d, best_i, count, k, d[i], i);
+  int64_t i = k;
+  for (; i + kLanes <= n; i += kLanes) {
+    if (!any(load(d + i) < splat(best_d[k - 1]))) continue;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (d[i + l] < best_d[k - 1]) insert(best_d, best_i, count, k, d[i + l], i + l);
+    }
+  }
+  for (; i < n; ++i) {
+    if (d[i] < best_d[k - 1]) insert(best_d, best_i, count, k, d[i], i);
+  }
+}
+
+std::vector<at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query, int64_t k) {
+  for (const at::Tensor* t : {&ref, &query}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(2) == 3 && t->scalar_type() == at::kFloat &&
+                    t->is_contiguous() && t->device().is_cpu(),
+                "knn: ref and query must be contiguous float32 CPU tensors (B, *, 3)");
+  }
+  const int64_t b = ref.size(0), n = ref.size(1), m = query.size(1);
+  TORCH_CHECK(query.size(0) == b, "knn: ref and query batch sizes differ");
+  TORCH_CHECK(k >= 1 && k <= n, "knn: need 1 <= k <= N");
+  const int64_t np = padded(n);
+  at::Tensor dist = at::empty({b, m, k}, ref.options());
+  at::Tensor idx = at::empty({b, m, k}, ref.options().dtype(at::kLong));
+  std::vector<float> soa(b * 3 * np);
+  const float* r = ref.data_ptr<float>();
+  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      float* base = soa.data() + c * 3 * np;
+      to_soa(r + c * n * 3, n, base, base + np, base + 2 * np);
+    }
+  });
+  const float* q = query.data_ptr<float>();
+  float* out_d = dist.data_ptr<float>();
+  int64_t* out_i = idx.data_ptr<int64_t>();
+  at::parallel_for(0, b * m, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> work(np);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* base = soa.data() + (t / m) * 3 * np;
+      knn_query(base, base + np, base + 2 * np, n, q + t * 3, k, work.data(), out_d + t * k,
+                out_i + t * k);
+    }
+  });
+  return {dist, idx};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pointclora_cpu, lib) {
+  lib.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor", &furthest_point_sample);
+  lib.def("knn(Tensor ref, Tensor query, int k) -> Tensor[]", &knn);
+}
