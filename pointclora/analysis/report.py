@@ -1,0 +1,115 @@
+"""Cost of a configured model: parameters and FLOPs, before and after merging the adapter."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pointclora.adapters import METHODS, apply_adapter, merge_adapter, parameter_report
+from pointclora.engine.build import build_datasets
+from pointclora.models import build_model
+
+from .flops import fvcore_flops, module_macs, official_graph, sample_points
+
+
+def resolve_model_config(cfg: dict) -> dict:
+    """`cfg["model"]` without the pretrained file (costs do not depend on weights) and with
+    `cls_dim` filled from the dataset when the config leaves it to the data, as training does."""
+    cfg = copy.deepcopy(cfg)
+    if cfg["model"].get("cls_dim") is None:
+        try:
+            build_datasets(cfg, ("test",))
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"model.cls_dim is not set and the dataset could not tell it ({err}); "
+                "set it, e.g. --set model.cls_dim=40"
+            ) from err
+    return {**cfg["model"], "pretrained": None}
+
+
+def build_adapted(cfg: dict, method: str | None = None) -> nn.Module:
+    """Backbone of `cfg` with `method` applied (default: `adapter.method`), in eval mode.
+
+    The config's adapter options apply when `method` is the config's method; other methods
+    take their defaults.
+    """
+    options = dict(cfg["adapter"])
+    cfg_method = options.pop("method")
+    method = method or cfg_method
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; valid: {', '.join(METHODS)}")
+    model = build_model(resolve_model_config(cfg))
+    apply_adapter(model, method, **(options if method == cfg_method else {}))
+    return model.eval()
+
+
+def _costs(model: nn.Module, points: torch.Tensor, executed: bool) -> dict:
+    with official_graph(model):
+        flops = fvcore_flops(model, points)
+        macs = module_macs(model, points)
+    params = parameter_report(model)
+    out = {
+        "flops": flops.total,
+        "gflops": flops.total / 1e9,
+        "gmacs_modules": macs / 1e9,
+        "params_total": params["total"],
+        "params_trainable": params["trainable"],
+        "params_trainable_no_head": params["trainable_no_head"],
+        "flops_by_operator": flops.by_operator,
+        "uncounted_ops": {op: {"count": n, "reason": why}
+                          for op, (n, why) in flops.skipped.items()},
+    }
+    if executed:
+        out["gflops_executed"] = fvcore_flops(model, points).total / 1e9
+    return out
+
+
+@torch.no_grad()
+def complexity_report(model: nn.Module, npoints: int, executed: bool = True) -> dict:
+    """Parameters and both FLOP conventions for one cloud of `npoints`, unmerged and merged.
+
+    FLOPs count the official graph (see `official_graph`); `gflops_executed` is fvcore on
+    the forward this package actually runs. Merging happens on a copy.
+    """
+    device = next(model.parameters()).device
+    points = sample_points(npoints, device=device)
+    report = _costs(model.eval(), points, executed)
+    merged = merge_adapter(copy.deepcopy(model)).eval()
+    merged_costs = _costs(merged, points, executed)
+    report["merged"] = {k: v for k, v in merged_costs.items()
+                        if k not in ("flops_by_operator", "uncounted_ops")}
+    return report
+
+
+def methods_table(cfg: dict, device: str | torch.device = "cpu") -> tuple[str, list[dict]]:
+    """Markdown table of every adapter method on the config's backbone, and its rows."""
+    npoints = cfg["data"]["npoints"]
+    rows = []
+    for method in METHODS:
+        report = complexity_report(build_adapted(cfg, method).to(device), npoints, executed=False)
+        rows.append({"method": method, **report})
+    m = cfg["model"]
+    lines = [
+        f"Adapter methods on {m['name']} ({cfg['data']['name']}: {npoints} points, "
+        f"{m['num_group']} groups of {m['group_size']}, {rows[0]['params_total']:,} "
+        "parameters in the plain model).",
+        "",
+        "| method | trainable params (M, head incl.) | trainable w/o head (M) "
+        "| GFLOPs unmerged | GFLOPs merged |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['params_trainable'] / 1e6:.3f} "
+            f"| {r['params_trainable_no_head'] / 1e6:.3f} | {r['gflops']:.3f} "
+            f"| {r['merged']['gflops']:.3f} |"
+        )
+    lines += [
+        "",
+        "GFLOPs: fvcore convention (one multiply-add = one flop; attention matmuls, FPS/kNN "
+        "distances and adapter weight deltas included), one cloud, official graph. "
+        f"Module convention (thop-style, as in the published 4.8): "
+        f"{rows[0]['merged']['gmacs_modules']:.3f} G merged.",
+    ]
+    return "\n".join(lines) + "\n", rows

@@ -1,0 +1,104 @@
+"""GFLOPs and parameter counts of a configured model, before and after merging its adapter.
+
+    python tools/flops.py --config configs/scanobjectnn/pb_t50_rs.yaml
+    python tools/flops.py --config configs/scanobjectnn/pb_t50_rs.yaml --json
+    python tools/flops.py --config configs/scanobjectnn/pb_t50_rs.yaml --all-methods
+
+One cloud at the config's `data.npoints`. Two conventions (docs/tools.md):
+fvcore (one multiply-add = one flop, attention matmuls included) and module
+multiply-accumulates (thop-style, the convention of the published 4.8 GFLOPs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pointclora.adapters import METHODS
+from pointclora.analysis import build_adapted, complexity_report, methods_table
+from pointclora.config import load_config
+
+DEFAULT_TABLE = Path("benchmarks/results/methods_table.md")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
+                        default=[], help="override a config value (dotted key, YAML value)")
+    parser.add_argument("--method", choices=METHODS, help="default: the config's adapter.method")
+    parser.add_argument("--all-methods", action="store_true",
+                        help="one Markdown table of every adapter method on this backbone")
+    parser.add_argument("--table-out", type=Path, default=DEFAULT_TABLE,
+                        help=f"where --all-methods writes its table (default: {DEFAULT_TABLE})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--device", default="cpu", help="device for the traced forward pass")
+    return parser.parse_args(argv)
+
+
+def _fmt_row(name: str, unmerged, merged, fmt: str) -> str:
+    return f"  {name:<34}{format(unmerged, fmt):>16}{format(merged, fmt):>16}"
+
+
+def format_report(cfg: dict, method: str, report: dict) -> str:
+    m, merged = cfg["model"], report["merged"]
+    lines = [
+        f"{m['name']} + {method} on {cfg['data']['name']}: one cloud of "
+        f"{cfg['data']['npoints']} points, {m['num_group']} groups of {m['group_size']}",
+        f"  {'':<34}{'unmerged':>16}{'merged':>16}",
+        _fmt_row("GFLOPs (fvcore)", report["gflops"], merged["gflops"], ".3f"),
+        _fmt_row("GMACs (modules, thop-style)", report["gmacs_modules"],
+                 merged["gmacs_modules"], ".3f"),
+        _fmt_row("GFLOPs as executed (fvcore)", report["gflops_executed"],
+                 merged["gflops_executed"], ".3f"),
+        _fmt_row("parameters", report["params_total"], merged["params_total"], ","),
+        _fmt_row("trainable", report["params_trainable"], merged["params_trainable"], ","),
+        _fmt_row("trainable without head", report["params_trainable_no_head"],
+                 merged["params_trainable_no_head"], ","),
+        "",
+        "fvcore flops by operator (unmerged):",
+    ]
+    for op, n in sorted(report["flops_by_operator"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {op:<34}{n / 1e9:>10.4f} G")
+    lines.append("operators fvcore left at zero, and why:")
+    for op, info in report["uncounted_ops"].items():
+        reason = info["reason"] or "NO DOCUMENTED REASON (please report this operator)"
+        lines.append(f"  {op} ({info['count']}x): {reason}")
+    lines.append("After merging, every parameter is trainable again (a plain backbone).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        device = torch.device(args.device)
+        if args.all_methods:
+            table, rows = methods_table(cfg, device)
+            args.table_out.parent.mkdir(parents=True, exist_ok=True)
+            args.table_out.write_text(table)
+            if args.json:
+                print(json.dumps({"table": table, "methods": rows}, indent=2))
+            else:
+                print(table, end="")
+                print(f"(written to {args.table_out})")
+            return 0
+        method = args.method or cfg["adapter"]["method"]
+        model = build_adapted(cfg, method).to(device)
+        report = complexity_report(model, cfg["data"]["npoints"])
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"config": args.config, "method": method,
+                          "npoints": cfg["data"]["npoints"], **report}, indent=2))
+    else:
+        print(format_report(cfg, method, report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
