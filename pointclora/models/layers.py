@@ -71,7 +71,7 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, drop_path_rate: float):
         super().__init__()
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # as official
         self.blocks = nn.ModuleList(Block(dim, num_heads, drop_path=rate) for rate in rates)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

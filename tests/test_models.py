@@ -1,0 +1,314 @@
+"""Backbones: sizes, the official forward pass, attention, grouping, frozen encoder, builder."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pointclora.models import HEAD_PREFIX, PointBERT, PointMAE, build_model
+from pointclora.models.layers import Attention
+from pointclora.models.pointnet import MiniPointNet
+
+SMALL = dict(num_group=16, group_size=8, depth=2)  # official widths, fast to run
+
+
+def small(cls, **kw):
+    """Two blocks, a narrow trunk (96) and few patches: the official wiring, quickly."""
+    torch.manual_seed(0)
+    kw = {"cls_dim": 5, "trans_dim": 96, **SMALL, **kw}
+    if cls is PointMAE:
+        kw.setdefault("encoder_dims", kw["trans_dim"])
+    return cls(**kw)
+
+
+def full_size(cls, **kw):
+    """Full-size model on the meta device: shapes and counts without allocating weights."""
+    with torch.device("meta"):
+        return cls(**kw)
+
+
+def cloud(batch=2, n=128, seed=1):
+    return torch.randn(batch, n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("cls, cls_dim, expected", [
+    (PointMAE, 40, 22_099_752), (PointMAE, 15, 22_093_327),
+    (PointBERT, 40, 22_065_960), (PointBERT, 15, 22_059_535),
+])
+def test_exact_parameter_counts(cls, cls_dim, expected):
+    model = full_size(cls, cls_dim=cls_dim)
+    assert n_params(model) == expected
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_point_mae_parts():
+    model = full_size(PointMAE, cls_dim=40)
+    parts = {name: n_params(getattr(model, name))
+             for name in ("encoder", "blocks", "pos_embed", HEAD_PREFIX, "norm")}
+    assert parts == {"encoder": 494_464, "blocks": 21_279_744, "pos_embed": 50_048,
+                     HEAD_PREFIX: 273_960, "norm": 768}
+    assert model.cls_token.numel() + model.cls_pos.numel() == 768
+
+
+# ---------------------------------------------------------------- reference forward
+
+
+def conv1d_encoder(encoder, neighborhood):
+    """The official mini-PointNet: Conv1d on channels-first, concat [global, per-point]."""
+    B, G, S, _ = neighborhood.shape
+    x = neighborhood.reshape(B * G, S, 3).transpose(2, 1)
+    feature = encoder.first_conv(x)
+    glob = torch.max(feature, dim=2, keepdim=True)[0]
+    feature = torch.cat([glob.expand(-1, -1, S), feature], dim=1)
+    feature = encoder.second_conv(feature)
+    return torch.max(feature, dim=2)[0].reshape(B, G, -1)
+
+
+def explicit_attention(attn, x):
+    B, N, C = x.shape
+    h = attn.num_heads
+    qkv = x @ attn.qkv.weight.T
+    q, k, v = (t.reshape(B, N, h, C // h).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    weights = torch.softmax(q @ k.transpose(-2, -1) * (C // h) ** -0.5, dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(B, N, C)
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+def reference_forward(model, points):
+    """The official fine-tune forward written out with the model's weights (eval mode)."""
+    neighborhood, center = model.group(points)
+    tokens = conv1d_encoder(model.encoder, neighborhood)
+    if isinstance(model, PointBERT):
+        tokens = tokens @ model.reduce_dim.weight.T + model.reduce_dim.bias
+    B, _, C = tokens.shape
+    pe = model.pos_embed
+    pos = F.gelu(center @ pe[0].weight.T + pe[0].bias) @ pe[2].weight.T + pe[2].bias
+    x = torch.cat([model.cls_token.expand(B, -1, -1), tokens], 1)
+    pos = torch.cat([model.cls_pos.expand(B, -1, -1), pos], 1)
+    for blk in model.blocks.blocks:
+        x = x + pos
+        x = x + explicit_attention(
+            blk.attn, F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, eps=1e-5))
+        h = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, eps=1e-5)
+        x = x + F.gelu(h @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias) @ blk.mlp.fc2.weight.T \
+            + blk.mlp.fc2.bias
+    x = F.layer_norm(x, (C,), model.norm.weight, model.norm.bias, eps=1e-5)
+    return getattr(model, HEAD_PREFIX)(torch.cat([x[:, 0], x[:, 1:].max(1)[0]], dim=-1))
+
+
+def randomise(model, seed=3):
+    """Non-trivial weights everywhere (zero biases / unit norms would hide wiring bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t + 0.05 * torch.randn(t.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("cls", [PointMAE, PointBERT])
+def test_forward_matches_official_formula(cls):
+    model = randomise(small(cls)).eval()
+    points = cloud()
+    with torch.no_grad():
+        out = model(points)
+        ref = reference_forward(model, points)
+    assert out.shape == (2, 5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=6)
+    nn.init.normal_(attn.proj.bias)
+    x = torch.randn(3, 17, 48)
+    torch.testing.assert_close(attn(x), explicit_attention(attn, x), rtol=1e-5, atol=1e-6)
+    assert attn.qkv.bias is None
+    assert Attention(384, num_heads=6).scale == 64**-0.5
+
+
+class Counting(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_attention_calls_qkv_and_proj_as_modules():
+    model = small(PointMAE).eval()
+    points = cloud()
+    with torch.no_grad():
+        before = model(points)
+        attn = model.blocks.blocks[1].attn
+        attn.qkv, attn.proj = Counting(attn.qkv), Counting(attn.proj)
+        after = model(points)
+    assert (attn.qkv.calls, attn.proj.calls) == (1, 1)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_mini_pointnet_matches_conv1d(mode):
+    torch.manual_seed(0)
+    ours = randomise(MiniPointNet(384))
+    ref = copy.deepcopy(ours)
+    getattr(ours, mode)()
+    getattr(ref, mode)()
+    nb = torch.randn(2, 16, 32, 3)
+    weights = torch.randn(2, 16, 384)
+    out, expected = ours(nb), conv1d_encoder(ref, nb)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # BN running stats
+    # Gradients reach several hundred; the biases before a BatchNorm get ~0 (BN removes them).
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-3, msg=name)
+
+
+# ---------------------------------------------------------------- official details
+
+
+def test_layer_norms_drop_path_and_init():
+    torch.manual_seed(0)
+    model = PointMAE(trans_dim=48, encoder_dims=48, num_heads=6, depth=12)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * 12 + 1 and all(m.eps == 1e-5 for m in norms)
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in model.blocks.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 12).tolist())
+    assert isinstance(model.blocks.blocks[0].drop_path, nn.Identity)
+
+    tokens = torch.cat([model.cls_token.flatten(), model.cls_pos.flatten()])
+    assert 0.015 < tokens.std().item() < 0.025 and tokens.abs().max() <= 2
+    big = PointMAE(depth=1)
+    for name, m in big.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            assert m.bias is None or torch.all(m.bias == 0), name
+            if m.weight.numel() >= 10_000:
+                assert m.weight.std().item() == pytest.approx(0.02, rel=0.05), name
+        elif isinstance(m, nn.LayerNorm):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0), name
+
+
+# ---------------------------------------------------------------- grouping
+
+
+def test_group_brute_force():
+    model = small(PointMAE)
+    points = cloud(batch=3, n=100)
+    points.requires_grad_(True)
+    neighborhood, center = model.group(points)
+    assert neighborhood.shape == (3, 16, 8, 3) and center.shape == (3, 16, 3)
+    assert not neighborhood.requires_grad and not center.requires_grad
+    pts = points.detach()
+    torch.testing.assert_close(center[:, 0], pts[:, 0])  # FPS starts at index 0
+    d_center = (center.unsqueeze(2) - pts.unsqueeze(1)).norm(dim=-1)  # (B, G, N)
+    assert torch.all(d_center.min(-1).values < 1e-5), "centres are input points"
+    assert len({tuple(c.tolist()) for c in center[0]}) == 16, "centres are distinct"
+    torch.testing.assert_close(neighborhood[:, :, 0], torch.zeros(3, 16, 3))  # centre first
+    absolute = neighborhood + center.unsqueeze(2)
+    expected = d_center.topk(8, dim=-1, largest=False).indices
+    found = (absolute.reshape(3, -1, 1, 3) - pts.unsqueeze(1)).norm(dim=-1).argmin(-1)
+    found = found.reshape(3, 16, 8)
+    assert torch.equal(found.sort(-1).values, expected.sort(-1).values)
+    dist = (absolute - center.unsqueeze(2)).norm(dim=-1)
+    assert torch.all(dist[..., 1:] >= dist[..., :-1] - 1e-6), "sorted by distance"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.randn(2, 128, 6), r"\(B, N, 3\)"),
+    (torch.randn(128, 3), r"\(B, N, 3\)"),
+    (torch.randint(0, 5, (2, 128, 3)), "float"),
+    (torch.randn(2, 10, 3), "fewer than num_group=16"),
+])
+def test_bad_points_are_rejected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        small(PointMAE)(bad)
+
+
+# ---------------------------------------------------------------- frozen encoder, determinism
+
+
+@pytest.mark.parametrize("cls", [PointMAE, PointBERT])
+def test_frozen_encoder_runs_without_autograd_and_gives_same_output(cls):
+    model = randomise(small(cls)).train()
+    frozen = copy.deepcopy(model)
+    frozen.encoder.requires_grad_(False)
+    grad_mode = {}
+    for name, m in (("trained", model), ("frozen", frozen)):
+        m.encoder.register_forward_hook(
+            lambda mod, inp, out, name=name: grad_mode.__setitem__(name, torch.is_grad_enabled()))
+    points = cloud()
+    torch.manual_seed(5)
+    out = model(points)
+    torch.manual_seed(5)
+    out_frozen = frozen(points)
+    assert grad_mode == {"trained": True, "frozen": False}
+    assert torch.equal(out, out_frozen)
+    out_frozen.sum().backward()
+    assert all(p.grad is None for p in frozen.encoder.parameters())
+    assert frozen.cls_token.grad is not None and frozen.blocks.blocks[0].attn.qkv.weight.grad \
+        is not None
+
+
+@pytest.mark.parametrize("cls", [PointMAE, PointBERT])
+def test_backward_reaches_every_parameter(cls):
+    model = small(cls).train()
+    F.cross_entropy(model(cloud(batch=4)), torch.tensor([0, 1, 2, 3])).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("cls", [PointMAE, PointBERT])
+def test_eval_is_deterministic_and_per_sample(cls):
+    model = randomise(small(cls)).eval()
+    points = cloud(batch=3)
+    with torch.no_grad():
+        first, second = model(points), model(points)
+        alone = model(points[1:2])
+    assert torch.equal(first, second)
+    torch.testing.assert_close(alone, first[1:2], rtol=1e-4, atol=1e-5)
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(points), first), "dropout / drop-path active in train mode"
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_build_model():
+    model = build_model({"name": "point_bert", "cls_dim": 15, **SMALL, "pretrained": None})
+    assert n_params(model) == 22_059_535 - 10 * 1_773_312  # ten fewer blocks
+    assert isinstance(model, PointBERT)
+    assert model.config == dict(cls_dim=15, trans_dim=384, num_heads=6, encoder_dims=256,
+                                drop_path_rate=0.1, **SMALL)
+    assert model.reduce_dim.weight.shape == (384, 256)
+    assert isinstance(build_model({"name": "point_mae", **SMALL}), PointMAE)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"name": "pointnet"}, r"\['point_bert', 'point_mae'\].*'pointnet'"),
+    ({"cls_dim": 3}, "model.name must be one of"),
+    ({"name": "point_mae", "dropout": 0.1}, r"\['dropout'\].*'drop_path_rate'"),
+    ({"name": "point_mae", "num_heads": 5}, "divisible by num_heads=5"),
+    ({"name": "point_mae", "encoder_dims": 256}, "must equal trans_dim"),
+    ({"name": "point_mae", "depth": 0}, "depth must be a positive integer"),
+    ({"name": "point_mae", "drop_path_rate": 1.5}, r"drop_path_rate must be a number in \[0, 1\)"),
+    ({"name": "point_bert", "cls_dim": "40"}, "cls_dim must be a positive integer"),
+])
+def test_build_model_rejects_bad_config(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg)
