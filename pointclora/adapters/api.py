@@ -149,30 +149,32 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _wrapper_factory(model: nn.Module, method: str, o: dict[str, Any]):
+def _wrapper_factory(method: str, o: dict[str, Any], bank: CLoRABank | None):
     if method == "lora":
         return lambda lin, n: LoRALinear(lin, o["r"], o["alpha"], n)
     if method == "serial_lora":
         return lambda lin, n: SerialLoRALinear(lin, o["r"], o["alpha"])
     if method == "aoft":
         return lambda lin, n: AOFTLinear(lin, o["r"], n, init=o["init"])
-    bank = CLoRABank(o["p"], o["r"], init=o["init"])
-    model.add_module(BANK_ATTR, bank)
     return lambda lin, n: CLoRALinear(
         lin, bank, n, o["sade_weight"], o["sade_similarity"], o["sade_eps"]
     )
 
 
 def _inject(model: nn.Module, method: str, o: dict[str, Any]) -> None:
+    """Build every wrapper first, so that a bad target leaves the model untouched."""
     names = _matching_linears(model, o["target_modules"])
-    build = _wrapper_factory(model, method, o)
+    bank = CLoRABank(o["p"], o["r"], init=o["init"]) if method == "clora" else None
+    build = _wrapper_factory(method, o, bank)
+    wrappers = {}
     for name in names:
         linear = model.get_submodule(name)
         n_slices = 3 if o.get("split_qkv") and name.rpartition(".")[2] == "qkv" else 1
-        wrapper = build(linear, n_slices).to(device=linear.weight.device, dtype=linear.weight.dtype)
+        wrappers[name] = build(linear, n_slices).to(linear.weight)
+    if bank is not None:
+        model.add_module(BANK_ATTR, bank.to(linear.weight))
+    for name, wrapper in wrappers.items():
         _replace(model, name, wrapper)
-    if method == "clora":
-        getattr(model, BANK_ATTR).to(device=linear.weight.device, dtype=linear.weight.dtype)
 
 
 def _keep_eval(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -38,6 +38,8 @@ class CLoRABank(nn.Module):
         self.up = nn.ParameterDict()  # key str(d_out): (p, r, d_out)
 
     def _new(self, d: int) -> torch.Tensor:
+        if self.r > d:
+            raise ValueError(f"CLoRA rank r={self.r} exceeds the layer size {d}")
         if self.init == "orthonormal":
             return _orthonormal_spaces(self.p, d, self.r)
         return torch.randn(self.p, d, self.r) / d**0.5
@@ -49,6 +51,10 @@ class CLoRABank(nn.Module):
         if str(d_out) not in self.up:
             self.up[str(d_out)] = nn.Parameter(self._new(d_out).transpose(1, 2).contiguous())
         return self.down[str(d_in)], self.up[str(d_out)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity: containers that call every child (``nn.Sequential``) pass through."""
+        return x
 
 
 def sade(
