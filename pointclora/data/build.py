@@ -1,0 +1,43 @@
+"""`build_dataset`: one entry point from the `data:` config section to a dataset."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+from torch.utils.data import Dataset
+
+from .common import DataError
+from .fewshot import build_fewshot
+from .modelnet40 import build_modelnet40
+from .scanobjectnn import build_scanobjectnn
+from .synthetic import SYNTHETIC_KEYS, build_synthetic
+
+DATASETS: dict[str, Callable[[dict, str], Dataset]] = {
+    "synthetic": build_synthetic,
+    "modelnet40": build_modelnet40,
+    "modelnet40_fewshot": build_fewshot,
+    "scanobjectnn": build_scanobjectnn,
+}
+# Keys each dataset reads (besides the transform keys npoints, protocol, up_axis).
+KEYS = {
+    "synthetic": set(SYNTHETIC_KEYS),
+    "modelnet40": {"root", "format", "num_category", "raw_points", "cache_dir", "shape_names",
+                   "h5_files"},
+    "modelnet40_fewshot": {"root", "way", "shot", "fold", "shape_names"},
+    "scanobjectnn": {"root", "variant"},
+}
+COMMON_KEYS = {"name", "npoints", "protocol", "up_axis"}
+
+
+def build_dataset(cfg_data: dict, split: str) -> Dataset:
+    """Dataset `cfg_data["name"]` for `split` (train | test); items (points (N, 3), int)."""
+    name = cfg_data.get("name", "synthetic")
+    if name not in DATASETS:
+        raise DataError(f"data.name must be one of {sorted(DATASETS)}; got {name!r}")
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test'; got {split!r}")
+    unknown = sorted(set(cfg_data) - COMMON_KEYS - KEYS[name])
+    if unknown:
+        warnings.warn(f"data keys {unknown} are not used by dataset {name!r} (it reads "
+                      f"{sorted(KEYS[name] | COMMON_KEYS)})", stacklevel=2)
+    return DATASETS[name](cfg_data, split)
