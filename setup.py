@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["pointclora", "pointclora.*"]),
     # The C++/CUDA sources are compiled on first use (torch.utils.cpp_extension), so they ship
     # as package data rather than as a build-time extension.
-    package_data={"pointclora.ops": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h", "csrc/*.cuh"]},
+    package_data={"pointclora.ops": ["csrc/*/*.cpp", "csrc/*/*.cu", "csrc/*/*.h"]},
     install_requires=[
         "torch>=2.1",
         "torchvision",  # timm imports it
