@@ -102,8 +102,8 @@ def methods_table(cfg: dict, device: str | torch.device = "cpu") -> tuple[str, l
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['params_trainable'] / 1e6:.3f} "
-            f"| {r['params_trainable_no_head'] / 1e6:.3f} | {r['gflops']:.3f} "
-            f"| {r['merged']['gflops']:.3f} |"
+            f"| {r['params_trainable_no_head'] / 1e6:.3f} | {r['gflops']:.4f} "
+            f"| {r['merged']['gflops']:.4f} |"
         )
     lines += [
         "",
