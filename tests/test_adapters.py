@@ -332,6 +332,40 @@ def test_any_module_tree_by_name_pattern():
         apply_adapter(net, "lora", target_modules=["0"])
 
 
+def test_adapted_model_survives_deepcopy_and_pickle(backbone, points, tmp_path):
+    apply_adapter(backbone, "clora")
+    simulate_training(backbone, points)
+    expected = backbone(points)
+    torch.save(backbone, tmp_path / "model.pt")
+    for clone in (copy.deepcopy(backbone), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert all(m.bank is clone.clora_bank for m in clone.modules()
+                   if isinstance(m, CLoRALinear))
+        clone.train()
+        assert not clone.encoder.first_conv[1].training  # frozen statistics stay frozen
+        assert torch.equal(clone.eval()(points), expected)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["lora", "clora", "serial_lora", "aoft"])
+def test_adapter_follows_device_and_dtype(method, device):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(device, torch.float64)
+    bare_on_cpu = copy.deepcopy(net).cpu()
+    apply_adapter(net, method, target_modules=r"0|2", r=2, train_head=False, train_tokens=False)
+    assert {(p.device.type, p.dtype) for p in net.parameters()} == {(device, torch.float64)}
+    assert regularization_loss(net).device.type == device
+    simulate_training(net, torch.randn(3, 8, dtype=torch.float64, device=device))
+    x = torch.randn(5, 8, dtype=torch.float64, device=device)
+    expected = net(x)
+    payload = adapter_state_dict(net)
+    assert {v.device.type for v in payload["state_dict"].values()} == {"cpu"}
+    torch.testing.assert_close(load_adapter(bare_on_cpu, payload)(x.cpu()), expected.cpu())
+    torch.testing.assert_close(merge_adapter(net)(x), expected, atol=1e-12, rtol=0)
+
+
 # --- each method against its equation, with explicit per-slice loops ---------------------
 
 def _layer(d_in=6, d_out=9):

@@ -110,7 +110,8 @@ def test_never_forms_d_by_d_matrices():
 
 def test_regularization_loss_sums_weighted_sade_over_modules():
     torch.manual_seed(0)
-    model = PointMAE(cls_dim=5, depth=2, num_group=16, group_size=8)
+    tiny = dict(cls_dim=5, depth=2, num_group=16, group_size=8, trans_dim=48, encoder_dims=48)
+    model = PointMAE(**tiny)
     apply_adapter(model, "clora", sade_weight=0.25, sade_similarity="cosine",
                   target_modules=["attn.qkv", "attn.proj", "mlp.fc1"])
     modules = [m for m in model.modules() if isinstance(m, CLoRALinear)]
@@ -124,9 +125,9 @@ def test_regularization_loss_sums_weighted_sade_over_modules():
         down = model.clora_bank.down[str(m.in_features)].double()
         up = model.clora_bank.up[str(m.slice_out)].double()
         expected += naive_sade(down, up, m.clora_Q.double(), "cosine", 1e-8)
-    assert len(modules) == 6 and sorted(model.clora_bank.up.keys()) == ["1536", "384"]
+    assert len(modules) == 6 and sorted(model.clora_bank.up.keys()) == ["192", "48"]
     torch.testing.assert_close(regularization_loss(model).double(), 0.25 * expected, rtol=1e-4,
                                atol=0)
-    apply_off = PointMAE(cls_dim=5, depth=2, num_group=16, group_size=8)
+    apply_off = PointMAE(**tiny)
     apply_adapter(apply_off, "clora", sade_weight=0.0)
     assert regularization_loss(apply_off).item() == 0

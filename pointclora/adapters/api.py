@@ -10,7 +10,6 @@ import copy
 import hashlib
 import os
 import re
-import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -177,13 +176,21 @@ def _inject(model: nn.Module, method: str, o: dict[str, Any]) -> None:
         _replace(model, name, wrapper)
 
 
-def _keep_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    """``train()`` of a BatchNorm whose running statistics are frozen."""
-    return nn.Module.train(self, False)
+class _EvalOnlyTrain:
+    """``train()`` of a BatchNorm whose running statistics are frozen: always eval mode.
+
+    A picklable callable set on the instance (a bound function would not survive pickling).
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return nn.Module.train(self.module, False)
 
 
 def _stats_frozen(module: nn.Module) -> bool:
-    return "train" in vars(module)
+    return isinstance(vars(module).get("train"), _EvalOnlyTrain)
 
 
 def _set_trainable(model: nn.Module, method: str, o: dict[str, Any]) -> None:
@@ -210,7 +217,7 @@ def _set_trainable(model: nn.Module, method: str, o: dict[str, Any]) -> None:
             if isinstance(module, _BatchNorm) and not any(
                 p.requires_grad for p in module.parameters(recurse=False)
             ):
-                module.train = types.MethodType(_keep_eval, module)
+                module.train = _EvalOnlyTrain(module)
                 module.train(False)
 
 
