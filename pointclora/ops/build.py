@@ -33,7 +33,8 @@ KINDS = ("cpu", "cuda")
 _FLAGS = {
     # -ffp-contract=off / --fmad=false: no fused multiply-add, so every backend computes the
     # same float32 distances and returns the same indices.
-    "cpu": {"cflags": ["-O3", "-fopenmp", "-ffp-contract=off"], "ldflags": ["-fopenmp"]},
+    "cpu": {"cflags": ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"],
+            "ldflags": ["-fopenmp"]},
     "cuda": {"cflags": ["-O3"], "cuda_cflags": ["-O3", "--fmad=false"], "ldflags": []},
 }
 _MARKER = "BUILD_OK"

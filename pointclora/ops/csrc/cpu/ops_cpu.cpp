@@ -7,10 +7,11 @@
 //    with x^2+y^2+z^2 <= 1e-3 are never picked after the first, ties go to the lower index;
 //  * kNN results are sorted by increasing distance, ties to the lower index.
 //
-// Clouds are copied to float32 structure-of-arrays blocks so the inner loops run on
+// Clouds are copied to float32 structure-of-arrays planes so the inner loops run on
 // 8-wide vectors (GCC/Clang vector extensions; an AVX2 clone is chosen at load time on
 // x86-64). Work is split over clouds (FPS) or queries (kNN) with at::parallel_for, which
-// follows torch.set_num_threads.
+// follows torch.set_num_threads. Brute force on purpose: at the sizes of point-cloud
+// backbones (N <= 8192) a spatial index costs more to build than it saves.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -38,33 +39,37 @@ typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #define POINTCLORA_SIMD_CLONES
 #endif
 
-inline vfloat load(const float* p) {
+// Vector helpers are always inlined, so each SIMD clone compiles them for its own target
+// (a 32-byte vector crossing a call between clones would change the calling convention).
+#define POINTCLORA_INLINE inline __attribute__((always_inline))
+
+POINTCLORA_INLINE vfloat load(const float* p) {
   vfloat v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+POINTCLORA_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline vfloat splat(float s) {
+POINTCLORA_INLINE vfloat splat(float s) {
   vfloat v;
   for (int64_t l = 0; l < kLanes; ++l) v[l] = s;
   return v;
 }
 
-inline vint iota(int32_t start) {
+POINTCLORA_INLINE vint iota(int32_t start) {
   vint v;
   for (int64_t l = 0; l < kLanes; ++l) v[l] = start + static_cast<int32_t>(l);
   return v;
 }
 
-inline vint splat(int32_t s) {
+POINTCLORA_INLINE vint splat(int32_t s) {
   vint v;
   for (int64_t l = 0; l < kLanes; ++l) v[l] = s;
   return v;
 }
 
-inline bool any(vint mask) {
+POINTCLORA_INLINE bool any(vint mask) {
   uint64_t words[sizeof(vint) / sizeof(uint64_t)];
   std::memcpy(words, &mask, sizeof(mask));
   uint64_t acc = 0;
@@ -74,7 +79,7 @@ inline bool any(vint mask) {
 
 inline int64_t padded(int64_t n) { return (n + kBlock - 1) / kBlock * kBlock; }
 
-inline vfloat sqdist(vfloat x, vfloat y, vfloat z, vfloat cx, vfloat cy, vfloat cz) {
+POINTCLORA_INLINE vfloat sqdist(vfloat x, vfloat y, vfloat z, vfloat cx, vfloat cy, vfloat cz) {
   const vfloat dx = x - cx, dy = y - cy, dz = z - cz;
   return dx * dx + dy * dy + dz * dz;
 }
@@ -153,7 +158,8 @@ at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
               "furthest_point_sample: xyz must be a contiguous float32 CPU tensor (B, N, 3)");
   const int64_t b = xyz.size(0), n = xyz.size(1);
   TORCH_CHECK(npoint >= 1 && npoint <= n, "furthest_point_sample: need 1 <= npoint <= N");
-  TORCH_CHECK(n < std::numeric_limits<int32_t>::max() - kBlock, "furthest_point_sample: N too large");
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max() - kBlock,
+              "furthest_point_sample: too many points");
   at::Tensor out = at::empty({b, npoint}, xyz.options().dtype(at::kLong));
   const float* src = xyz.data_ptr<float>();
   int64_t* dst = out.data_ptr<int64_t>();
@@ -166,40 +172,57 @@ at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
   return out;
 }
 
-// Sorted insertion into a full or filling top-k list; equal distances keep the earlier
-// (lower) index in front because candidates arrive in increasing index order.
-inline void insert(float* best_d, int64_t* best_i, int64_t& count, int64_t k, float d,
-                   int64_t i) {
-  int64_t pos = count < k ? count++ : k - 1;
-  while (pos > 0 && best_d[pos - 1] > d) {
-    best_d[pos] = best_d[pos - 1];
-    best_i[pos] = best_i[pos - 1];
-    --pos;
-  }
-  best_d[pos] = d;
-  best_i[pos] = i;
+POINTCLORA_INLINE float hmin(vfloat v) {
+  float m = v[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = v[l] < m ? v[l] : m;
+  return m;
 }
 
-// k nearest reference points of one query. `d` receives padded(n) distances.
+// k nearest reference points of one query without a running top-k list:
+//  1. all distances, plus the minimum of each block of `block` points;
+//  2. bound = the k-th smallest block minimum: those k blocks hold k distinct points at
+//     most that far, so every one of the k nearest is within the bound;
+//  3. the points within the bound (about 2k) are sorted by (distance, index).
+// `d` holds padded(n) floats.
 POINTCLORA_SIMD_CLONES
 void knn_query(const float* x, const float* y, const float* z, int64_t n, const float* q,
-               int64_t k, float* d, float* best_d, int64_t* best_i) {
+               int64_t k, float* d, std::vector<float>& mins,
+               std::vector<std::pair<float, int64_t>>& near, float* out_d, int64_t* out_i) {
   const int64_t np = padded(n);
   const vfloat qx = splat(q[0]), qy = splat(q[1]), qz = splat(q[2]);
   for (int64_t i = 0; i < np; i += kLanes) {
     store(d + i, sqdist(load(x + i), load(y + i), load(z + i), qx, qy, qz));
   }
-  int64_t count = 0;
-  for (int64_t i = 0; i < k; ++i) insert(best_d, best_i, count, k, d[i], i);
-  int64_t i = k;
-  for (; i + kLanes <= n; i += kLanes) {
-    if (!any(load(d + i) < splat(best_d[k - 1]))) continue;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::fill(d + n, d + np, inf);  // padding is no point
+  const int64_t block = std::max(kLanes, n / (4 * k) / kLanes * kLanes);
+  const int64_t blocks = n / block;  // whole blocks of real points only
+  float bound = inf;
+  if (blocks >= k) {
+    mins.resize(blocks);
+    for (int64_t b = 0; b < blocks; ++b) {
+      vfloat m = load(d + b * block);
+      for (int64_t i = b * block + kLanes; i < (b + 1) * block; i += kLanes) {
+        const vfloat v = load(d + i);
+        m = v < m ? v : m;
+      }
+      mins[b] = hmin(m);
+    }
+    std::nth_element(mins.begin(), mins.begin() + (k - 1), mins.end());
+    bound = mins[k - 1];
+  }
+  near.clear();
+  const vfloat limit = splat(bound);
+  for (int64_t i = 0; i < np; i += kLanes) {
+    if (!any(load(d + i) <= limit)) continue;
     for (int64_t l = 0; l < kLanes; ++l) {
-      if (d[i + l] < best_d[k - 1]) insert(best_d, best_i, count, k, d[i + l], i + l);
+      if (d[i + l] <= bound && i + l < n) near.emplace_back(d[i + l], i + l);
     }
   }
-  for (; i < n; ++i) {
-    if (d[i] < best_d[k - 1]) insert(best_d, best_i, count, k, d[i], i);
+  std::partial_sort(near.begin(), near.begin() + k, near.end());
+  for (int64_t j = 0; j < k; ++j) {
+    out_d[j] = near[j].first;
+    out_i[j] = near[j].second;
   }
 }
 
@@ -227,11 +250,12 @@ std::vector<at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query, int6
   float* out_d = dist.data_ptr<float>();
   int64_t* out_i = idx.data_ptr<int64_t>();
   at::parallel_for(0, b * m, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(np);
+    std::vector<float> work(np), mins;
+    std::vector<std::pair<float, int64_t>> near;
     for (int64_t t = begin; t < end; ++t) {
       const float* base = soa.data() + (t / m) * 3 * np;
-      knn_query(base, base + np, base + 2 * np, n, q + t * 3, k, work.data(), out_d + t * k,
-                out_i + t * k);
+      knn_query(base, base + np, base + 2 * np, n, q + t * 3, k, work.data(), mins, near,
+                out_d + t * k, out_i + t * k);
     }
   });
   return {dist, idx};
