@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import pickle
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +103,12 @@ def _summary(keys: list[str]) -> str:
     """Keys grouped by top-level module: ``cls_token, cls_head_finetune.* (16)``."""
     if not keys:
         return "none"
-    groups: Counter[str] = Counter()
+    groups: dict[str, list[str]] = {}
     for key in keys:
-        parts = key.split(".")
-        depth = 2 if any(key.startswith(lay.prefix) for lay in PRETRAIN_LAYOUTS) else 1
-        groups[".".join(parts[:depth]) + (".*" if len(parts) > depth else "")] += 1
-    return ", ".join(name if n == 1 else f"{name} ({n})" for name, n in groups.items())
+        depth = 2 if key.startswith(tuple(lay.prefix for lay in PRETRAIN_LAYOUTS)) else 1
+        groups.setdefault(".".join(key.split(".")[:depth]), []).append(key)
+    return ", ".join(members[0] if len(members) == 1 else f"{name}.* ({len(members)})"
+                     for name, members in groups.items())
 
 
 def _quote(keys: list[str]) -> str:
@@ -281,7 +280,8 @@ def load_into(model: nn.Module, path: str | Path, strict: bool = True) -> LoadRe
 
     model.load_state_dict(loadable, strict=False)
     report = LoadReport(
-        path=str(path), layout=layout.name, loaded=list(loadable), missing=missing,
+        path=str(path), layout=layout.name, loaded=[k for k in own if k in loadable],
+        missing=missing,
         expected_missing=expected, unexpected=unexpected, ignored=ignored,
         head_loaded=head_loaded, notes=notes,
     )
