@@ -244,7 +244,7 @@ def apply_adapter(model: nn.Module, method: str, **options: Any) -> nn.Module:
       eval mode, so their running statistics keep the pre-trained values.
     - ``target_modules`` (``["attn.qkv", "attn.proj"]``; ``["attn.qkv"]`` for
       ``serial_lora``): module-name suffixes, or one regex matched against full names.
-    - ``split_qkv`` (True): a target named ``*qkv`` gets separate q, k, v modules.
+    - ``split_qkv`` (True): a target called ``qkv`` (last name part) gets separate q, k, v modules.
     - ``r`` (8) rank; ``alpha`` (16) LoRA scale numerator, ``s = alpha / r``.
     - CLoRA: ``p`` (4) shared spaces, ``init`` (``orthonormal`` | ``normal``) of the
       spaces, ``sade_weight`` (1e-3), ``sade_similarity`` (``cross_gram`` | ``cosine``),
