@@ -282,6 +282,7 @@ def test_pointnet2_dispatch(monkeypatch):
         backends.fps(cuda, "pointnet2")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["random", "ties", "near_origin"])
 def test_cuda_matches_cpu(kind):
