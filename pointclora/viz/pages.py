@@ -81,14 +81,16 @@ def save_page(tiles: list[Tile], path: str | Path, ncols: int = 4, heading: str 
     ncols = min(ncols, len(tiles))
     nrows = -(-len(tiles) // ncols)
     h, w = tiles[0].image.shape[:2]
-    title_in, heading_in = 0.45, 0.5 if heading else 0.0
+    lines = max(t.title.count("\n") + 1 for t in tiles)
+    title_in, heading_in = 0.1 + 0.18 * lines, 0.45 if heading else 0.0
     fig = Figure(figsize=(ncols * w / dpi, nrows * (h / dpi + title_in) + heading_in),
                  dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
+    height = fig.get_figheight()
     if heading:
-        fig.suptitle(heading, fontsize=13, y=1 - 0.15 * heading_in / fig.get_figheight())
-    top = 1 - heading_in / fig.get_figheight()
-    grid = fig.add_gridspec(nrows, ncols, left=0, right=1, bottom=0, top=top, wspace=0.02,
+        fig.suptitle(heading, fontsize=13, y=1 - 0.08 / height, va="top")
+    grid = fig.add_gridspec(nrows, ncols, left=0, right=1, bottom=0,
+                            top=1 - (heading_in + title_in) / height, wspace=0.02,
                             hspace=title_in / (h / dpi))
     for i, tile in enumerate(tiles):
         ax = fig.add_subplot(grid[i // ncols, i % ncols])

@@ -11,6 +11,7 @@ The chain is `BACKENDS`; `POINTCLORA_RENDER_BACKEND` or `backend=` pins one.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ DEFAULT_COLOR = (0.25, 0.45, 0.85)
 UP_AXES = {"x": 0, "y": 1, "z": 2}
 
 _chosen: str | None = None
-_offscreen_renderers: dict = {}
+_offscreen: dict = {}  # {(w, h): the one OffscreenRenderer}
 _xvfb: subprocess.Popen | None = None
 
 
@@ -122,13 +123,37 @@ def _camera(view: View, points: np.ndarray):
     return back * distance, up
 
 
+@contextlib.contextmanager
+def _silenced():
+    """Mute the banners Filament, GLFW and X print on stdout/stderr while a renderer starts
+    (backends are probed first, so nothing useful is lost)."""
+    import open3d as o3d
+
+    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def _render_offscreen(points, colors, markers, size, point_size, view, marker_color, radius):
     from open3d.visualization import rendering
 
-    w, h = size
-    renderer = _offscreen_renderers.get(size)
+    renderer = _offscreen.get(size)
     if renderer is None:
-        renderer = _offscreen_renderers[size] = rendering.OffscreenRenderer(w, h)
+        # Filament aborts when several renderers live at once: keep one, of the last size.
+        _offscreen.clear()
+        with _silenced():
+            renderer = _offscreen[size] = rendering.OffscreenRenderer(*size)
         renderer.scene.view.set_post_processing(False)  # no tone mapping: exact colours
     scene = renderer.scene
     scene.clear_geometry()
@@ -142,14 +167,18 @@ def _render_offscreen(points, colors, markers, size, point_size, view, marker_co
         scene.add_geometry("markers", mesh, material)
     eye, up = _camera(view, points)
     renderer.setup_camera(view.fov, [0.0, 0.0, 0.0], eye.tolist(), up.tolist())
-    return np.asarray(renderer.render_to_image())[..., :3].copy()
+    image = np.asarray(renderer.render_to_image())[..., :3].copy()
+    scene.clear_geometry()  # a material still in use aborts Filament at exit
+    return image
 
 
 def _render_legacy(points, colors, markers, size, point_size, view, marker_color, radius):
     import open3d as o3d
 
     vis = o3d.visualization.Visualizer()
-    if not vis.create_window(width=size[0], height=size[1], visible=False):
+    with _silenced():
+        created = vis.create_window(width=size[0], height=size[1], visible=False)
+    if not created:
         raise RuntimeError("Open3D legacy Visualizer could not open a window (no X display?)")
     try:
         for geometry in _o3d_geometries(points, colors, markers, marker_color, radius):
