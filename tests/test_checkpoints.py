@@ -243,7 +243,7 @@ def test_report_is_logged_and_readable(shared_docs, tmp_path, caplog):
     text = str(report)
     n = len(model.state_dict())
     assert f"Loaded {n - 18}/{n} model tensors from {path}" in text
-    assert "Point-MAE pre-training" in text
+    assert "(Point-MAE pre-training checkpoint)" in text
     assert "expected missing (kept at init): cls_token, cls_pos, cls_head_finetune.* (16)" in text
     assert "mask_token" in text and "MAE_decoder.* (" in text and "increase_dim.* (2)" in text
     assert "MISSING" not in text and "UNEXPECTED" not in text
@@ -307,7 +307,7 @@ def test_depth_mismatch_is_an_error_unless_not_strict(shared_docs, tmp_path, cap
                                                       module=True))
     model = model_with_seed(PointMAE, 0)
     with pytest.raises(CheckpointError, match=(
-            r"deep\.pth \(Point-MAE pre-training \(pretrain\.pth\)\) does not match PointMAE: "
+            r"deep\.pth \(Point-MAE pre-training checkpoint\) does not match PointMAE: "
             r"unexpected 11 key\(s\): MAE_encoder\.blocks\.blocks\.2\.norm1\.weight.*"
             r"depth=3 \(model: 2\)")):
         model.load_pretrained(path)
@@ -332,7 +332,7 @@ def test_missing_encoder_key(shared_docs, tmp_path):
     path = save(tmp_path / "partial.pth", state)
     model = model_with_seed(PointMAE, 0)
     with pytest.raises(CheckpointError, match=(
-            r"partial\.pth \(fine-tuned model\) does not match PointMAE: "
+            r"partial\.pth \(fine-tuned checkpoint\) does not match PointMAE: "
             r"missing 1 key\(s\): encoder\.first_conv\.0\.weight\.")):
         model.load_pretrained(path)
     report = model.load_pretrained(path, strict=False)
@@ -355,8 +355,8 @@ def _write(path, payload):
     ([1, 2, 3], "holds a list, not a state dict"),
     ({}, "holds a dict, not a state dict"),
     ({"base_model": {"encoder.first_conv.0.weight": "x"}}, "non-tensor entries: encoder"),
-    ({"fc.weight": torch.zeros(2, 2)}, r"no key of a Point-MAE backbone found.*fc\.weight"),
-    ({"base_model": {"MAE_decoder.norm.weight": torch.zeros(3)}}, "no key of a Point-MAE"),
+    ({"fc.weight": torch.zeros(2, 2)}, r"no Point-MAE backbone found .*fc\.weight"),
+    ({"base_model": {"MAE_decoder.norm.weight": torch.zeros(3)}}, "no Point-MAE backbone"),
 ])
 def test_unusable_files(tmp_path, payload, match):
     path = _write(tmp_path / "bad.pth", payload)
@@ -364,6 +364,17 @@ def test_unusable_files(tmp_path, payload, match):
         model_with_seed(PointMAE, 0, depth=1).load_pretrained(path)
     assert str(path) in str(err.value)
     assert isinstance(err.value, ValueError)
+
+
+def test_dvae_file_is_not_a_backbone(shared_docs, tmp_path):
+    """Point-BERT's tokenizer file shares the mini-PointNet keys but holds no transformer."""
+    dvae = {k.removeprefix("dvae."): v for k, v in
+            official_state(shared_docs, "bert_pretrain", depth=1).items() if k.startswith("dvae.")}
+    path = save(tmp_path / "dVAE.pth", dvae)
+    for cls in (PointBERT, PointMAE):
+        with pytest.raises(CheckpointError, match=(
+                r"dVAE\.pth: no Point-(BERT|MAE) backbone found \(no transformer keys")):
+            model_with_seed(cls, 0, depth=1).load_pretrained(path)
 
 
 def test_truncated_file(shared_docs, tmp_path):

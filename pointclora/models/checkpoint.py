@@ -23,8 +23,9 @@ HEAD_PREFIX = "cls_head_finetune"
 
 # Where users get the files; quoted in error messages.
 WEIGHTS_HINT = (
-    "the official weights are published in the releases of the Point-MAE and Point-BERT "
-    "GitHub projects (pretrain.pth, Point-BERT.pth and the fine-tuned checkpoints)"
+    "the official weights of the Point-MAE and Point-BERT projects are linked from their GitHub "
+    "pages (Point-MAE's releases: pretrain.pth and fine-tuned files; Point-BERT's 'Pretrained "
+    "Models' table: Point-BERT.pth and fine-tuned files)"
 )
 
 _SHOWN = 5  # offending keys quoted in an error message
@@ -51,12 +52,12 @@ class Layout:
 
 
 PRETRAIN_LAYOUTS = (
-    Layout("Point-MAE pre-training (pretrain.pth)", "point_mae", "MAE_encoder.",
+    Layout("Point-MAE pre-training checkpoint", "point_mae", "MAE_encoder.",
            fresh=("cls_token", "cls_pos")),
-    Layout("Point-BERT pre-training (Point-BERT.pth)", "point_bert", "transformer_q.",
+    Layout("Point-BERT pre-training checkpoint", "point_bert", "transformer_q.",
            dropped=("mask_token", "lm_head.", "cls_head.")),
 )
-FINETUNE_LAYOUT = Layout("fine-tuned model", None, "")
+FINETUNE_LAYOUT = Layout("fine-tuned checkpoint", None, "")
 
 _CONTAINER_KEYS = ("base_model", "model")
 _WRAPPER_PREFIXES = ("module.", "base_model.")  # DataParallel / wrapped-model prefixes
@@ -70,7 +71,8 @@ class LoadReport:
     not hold by design (the head, Point-MAE's cls tokens), left at their initial values.
     ``missing``: other model keys the file lacks (only possible with ``strict=False``).
     ``unexpected``: file keys the model has no place for (only with ``strict=False``).
-    ``ignored``: file keys that only pre-training uses (decoders, dVAE, momentum encoder...).
+    ``ignored``: file keys left out on purpose: parts only pre-training uses (decoders, dVAE,
+    momentum encoder...) and a head skipped for its ``cls_dim``.
     """
 
     path: str
@@ -89,7 +91,7 @@ class LoadReport:
             f"Loaded {len(self.loaded)}/{total} model tensors from {self.path} "
             f"({self.layout}); head {'loaded' if self.head_loaded else 'not loaded'}.",
             f"  expected missing (kept at init): {_summary(self.expected_missing)}",
-            f"  ignored (pre-training only): {_summary(self.ignored)}",
+            f"  ignored (not used by the fine-tune model): {_summary(self.ignored)}",
         ]
         if self.missing:
             lines.append(f"  MISSING (kept at init): {_summary(self.missing)}")
@@ -187,13 +189,13 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> tuple[Layout, str | None]:
-    """The layout of a state dict and the backbone family it holds (None: no backbone keys)."""
+    """The layout of a state dict and the backbone family it holds (None: no transformer)."""
     for layout in PRETRAIN_LAYOUTS:
         if any(k.startswith(layout.prefix) for k in state):
             return layout, layout.family
     if any(k.startswith("reduce_dim.") for k in state):
         return FINETUNE_LAYOUT, "point_bert"
-    if any(k.startswith(("encoder.", "blocks.blocks.")) for k in state):
+    if any(k.startswith("blocks.blocks.") for k in state):
         return FINETUNE_LAYOUT, "point_mae"
     return FINETUNE_LAYOUT, None
 
@@ -221,13 +223,15 @@ def load_into(model: nn.Module, path: str | Path, strict: bool = True) -> LoadRe
     prefix = layout.prefix
     if family is None or not any(k.startswith(prefix) and k[len(prefix):] in own for k in state):
         raise CheckpointError(
-            f"{path}: no key of a {_FAMILY_NAMES[model.family]} backbone found; the file holds "
-            f"{_quote(list(state))}. Expected a Point-MAE or Point-BERT checkpoint: {WEIGHTS_HINT}."
+            f"{path}: no {_FAMILY_NAMES[model.family]} backbone found (no transformer keys such "
+            f"as blocks.blocks.0.*); the file holds {_quote(list(state))}. Expected a Point-MAE "
+            f"or Point-BERT checkpoint: {WEIGHTS_HINT}."
         )
     if family != model.family:
         raise CheckpointError(
-            f"{path}: this is a {_FAMILY_NAMES[family]} checkpoint ({layout.name}) but the model "
-            f"is {type(model).__name__}; build the model with name: {family} to use it."
+            f"{path}: this is a {_FAMILY_NAMES[family]} checkpoint (keys of a "
+            f"{layout.name}) but the model is {type(model).__name__}; build the model with "
+            f"name: {family} to use it."
         )
 
     ignored = [k for k in state if not k.startswith(prefix)]
