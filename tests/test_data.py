@@ -139,21 +139,25 @@ def test_cache_built_from_real_files_is_official_fps_pickle(mini, tmp_path):
     assert ds[3][1] == labels[3][0]
 
 
-def test_cache_is_never_overwritten_without_force(mini, tmp_path):
+def test_cache_is_never_overwritten_without_force(tmp_path):
+    root = write_modelnet40_layout(tmp_path / "mn", num_classes=3, samples_per_class=2,
+                                   npoints=200)
     main = prepare_data_main()
-    args = ["modelnet40", str(mini), "--out", str(tmp_path), "--splits", "test",
-            "--points", "128", "--quiet"]
+    out = tmp_path / "out"
+    args = ["modelnet40", str(root), "--out", str(out), "--splits", "test", "--points", "128",
+            "--quiet"]
     assert main(args) == 0
-    path = tmp_path / "modelnet40_test_128pts_fps.dat"
+    path = out / "modelnet40_test_128pts_fps.dat"
     before = path.read_bytes()
     path.write_bytes(before + b"user data")  # a file the user cares about
     assert main(args) == 2
     assert path.read_bytes() == before + b"user data"
     with pytest.raises(FileExistsError, match="--force"):
-        mn.build_cache(mini, "test", tmp_path, num_points=128, progress=False)
+        mn.build_cache(root, "test", out, num_points=128, progress=False)
     assert main(args + ["--force"]) == 0
     assert path.read_bytes() == before  # deterministic rebuild
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert sorted(p.name for p in out.iterdir()) == [path.name]
+    assert not list(root.glob("*.dat"))  # nothing written into the data folder
 
 
 def test_cache_written_by_official_code_is_read(tmp_path):
@@ -233,7 +237,8 @@ def test_scanobjectnn_variants_read_their_official_files_unnormalised(tmp_path, 
              "obj_only": "main_split_nobg/{}_objectdataset.h5",
              "pb_t50_rs": "main_split/{}_objectdataset_augmentedrot_scale75.h5"}
     for seed, (variant, pattern) in enumerate(files.items()):
-        write_scanobjectnn_layout(tmp_path / "h5_files", variant, samples_per_class=2, seed=seed)
+        write_scanobjectnn_layout(tmp_path / "h5_files", variant, num_classes=4,
+                                  samples_per_class=2, npoints=128, seed=seed)
         for split, word in (("train", "training"), ("test", "test")):
             path = tmp_path / "h5_files" / pattern.format(word)
             with h5py.File(path) as f:
@@ -241,9 +246,9 @@ def test_scanobjectnn_variants_read_their_official_files_unnormalised(tmp_path, 
                 data, label = f["data"][:], f["label"][:]
             ds = build_dataset({"name": "scanobjectnn", "root": str(tmp_path),
                                 "variant": variant.upper()}, split)
-            assert ds.class_names == list(SCANOBJECTNN_CLASSES) and len(ds) == 30
+            assert ds.class_names == list(SCANOBJECTNN_CLASSES) and len(ds) == 8
             np.testing.assert_array_equal(ds.points.numpy(), data)  # no normalisation
-            assert [ds[i][1] for i in range(30)] == label.tolist()
+            assert [ds[i][1] for i in range(8)] == label.tolist()
 
 
 # ---- few-shot folds -------------------------------------------------------------------------
@@ -268,13 +273,13 @@ def test_fewshot_folds_from_real_txt_files(mini, tmp_path):
     assert [p.relative_to(tmp_path / "a").as_posix() for p in paths] == [
         "3way_2shot/0.pkl", "3way_2shot/1.pkl"]
     fold, mapping = check_fold(paths[0], 3, 2, 1, 256)
-    train_ids, test_ids = split_ids(mini, "train"), split_ids(mini, "test")
-    for subset, ids in (("train", train_ids), ("test", test_ids)):
+    for subset in ("train", "test"):
         for points, _, original in fold[subset]:
             cls = MODELNET40_CLASSES[original]
-            sources = [i for i in ids if i.rsplit("_", 1)[0] == cls]
-            found = [s for s in sources if (row_index(points[:5], np.loadtxt(
-                mini / cls / f"{s}.txt", delimiter=",", dtype=np.float32)) >= 0).all()]
+            sources = [i for i in split_ids(mini, subset) if i.rsplit("_", 1)[0] == cls]
+            # FPS starts at row 0: the first point identifies the source file
+            found = [s for s in sources if np.array_equal(points[0], np.loadtxt(
+                mini / cls / f"{s}.txt", delimiter=",", dtype=np.float32, max_rows=1))]
             assert len(found) == 1, f"{subset} shape of {cls} not found in its split"
     check_fold(paths[1], 3, 2, 1, 256)
     again = make_folds(mini, tmp_path / "b", ways=[3], shots=[2], folds=2, query=1,
@@ -530,6 +535,9 @@ def test_vote_mode_reuses_one_fps_per_batch(monkeypatch):
     x.mul_(2)  # changed in place: sampled again
     tf(x)
     assert len(calls) == 3
+    copy = pickle.loads(pickle.dumps(tf))  # the memo does not travel
+    copy(x)
+    assert len(calls) == 4
 
 
 def test_transform_is_reproducible_with_a_generator_and_checks_input():

@@ -49,16 +49,13 @@ def test_dataset_items_and_config():
         generate(2, 1, 16, occlusion=1.0)
 
 
-def test_generation_is_fast():
+def test_generation_is_cheap():
     generate(8, 2, 64)  # warm-up
-    best = min(_timed(lambda: generate(8, 125, 1024)) for _ in range(2))
-    assert best < 3.0, f"1,000 clouds of 1,024 points took {best:.2f} s"
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    # CPU time of this process: robust to other jobs sharing the machine
+    t = time.process_time()
+    generate(8, 125, 1024)
+    cpu = time.process_time() - t
+    assert cpu < 3.0, f"1,000 clouds of 1,024 points took {cpu:.2f} s of CPU"
 
 
 def test_surfaces_match_their_equations():
@@ -75,7 +72,7 @@ def test_surfaces_match_their_equations():
     face = ((p - centre).abs() / half).amax(-1)
     assert torch.allclose(face, torch.ones(1), atol=1e-5)
     # torus about y: (sqrt(x^2 + z^2) - R)^2 + y^2 = r^2, with a uniform area density
-    p = by_class("torus", samples_per_class=4, npoints=20000, **opts)
+    p = by_class("torus", samples_per_class=2, npoints=10000, **opts)
     p = p - (p.amax(1, keepdim=True) + p.amin(1, keepdim=True)) / 2  # centre of symmetry
     rho = p[..., [0, 2]].norm(dim=-1)
     R = (rho.amax(1, keepdim=True) + rho.amin(1, keepdim=True)) / 2
@@ -83,7 +80,7 @@ def test_surfaces_match_their_equations():
     assert torch.allclose((rho - R) ** 2 + p[..., 1] ** 2, r**2, atol=2e-3)
     outer = (rho > R).float().mean(1)
     expected = (torch.pi * R + 2 * r).squeeze(1) / (2 * torch.pi * R.squeeze(1))
-    assert torch.allclose(outer, expected, atol=0.015)
+    assert torch.allclose(outer, expected, atol=0.02)  # 4 standard errors
     # disc and ring are flat; the ring has a hole
     assert by_class("disc", **opts)[..., 1].abs().max() < 1e-6
     ring = by_class("ring", **opts)
@@ -177,6 +174,10 @@ def test_modelnet40_layout_is_read_by_the_real_loader(tmp_path):
     write_modelnet40_layout(root, num_classes=4, samples_per_class=2, npoints=150, seed=4,
                             force=True)
     assert not torch.allclose(ds[0][0], before, atol=1e-2)
+    (root / "modelnet40_test_1024pts_fps.dat").write_bytes(b"cache of the old files")
+    with pytest.raises(FileExistsError, match="stale"):
+        write_modelnet40_layout(root, num_classes=4, samples_per_class=2, npoints=150,
+                                force=True)
 
 
 def test_cli_writes_synthetic_layouts(tmp_path):

@@ -110,7 +110,7 @@ class PointClouds(Dataset):
                  source: str):
         check_points(points, source)
         self.points = points.float().contiguous()
-        self.labels = as_labels(labels.numpy(), source, len(class_names))
+        self.labels = as_labels(np.asarray(labels), source, len(class_names))
         if len(self.labels) != len(self.points):
             raise DataError(f"{source}: {len(self.points)} clouds but {len(self.labels)} labels")
         self.class_names = list(class_names)

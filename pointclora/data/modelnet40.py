@@ -122,9 +122,9 @@ def split_files(root: Path, split: str, num_category: int = 40
         labels.append(index[cls])
     absent = [p for p in paths if not p.is_file()]
     if absent:
-        shown = "\n".join(f"  {p}" for p in absent[:5])
+        shown = ", ".join(str(p) for p in absent[:3]) + (" ..." if len(absent) > 3 else "")
         raise missing(f"{len(absent)} of {len(paths)} shape files listed in {list_file.name}",
-                      f"\n{shown}" + (" ..." if len(absent) > 5 else ""), LAYOUT)
+                      shown, LAYOUT)
     return paths, np.array(labels, dtype=np.int64), names
 
 
@@ -182,7 +182,7 @@ def _fill_padding(xyz: torch.Tensor, source: str) -> torch.Tensor:
     """Replace all-zero padding rows by repeats of the cloud's real points.
 
     Some h5 exports pad short clouds with (0, 0, 0); left in, the padding would become a
-    spurious cluster at the centroid after normalisation.
+    spurious cluster (at the old origin) that FPS and the normalisation treat as geometry.
     """
     real = xyz.abs().sum(-1) > 0
     count = real.sum(1)
@@ -249,20 +249,20 @@ def build_modelnet40(cfg: dict, split: str) -> Dataset:
         if fmt is None:
             raise missing(f"ModelNet40 {split} data (txt split list, cache or h5 files)", root,
                           LAYOUT)
-    names = _class_names(cfg.get("shape_names"), [txt_root, h5_root], root, num_category)
-    if fmt == "cache":
-        points, labels = load_cache(cache)
-        xyz = stack_xyz(points, str(cache))
-        check_points(xyz, str(cache))
-        return PointClouds(normalize_unit_sphere(xyz), labels, names, str(cache))
     if fmt == "txt":
         if txt_root is None:
             raise missing(f"modelnet{num_category}_{split}.txt", root, LAYOUT)
         paths, labels, names = split_files(txt_root, split, num_category)
         return ModelNet40Files(paths, labels, names, num_points)
+    if fmt not in ("cache", "h5"):
+        raise DataError(f"data.format must be auto, cache, txt or h5; got {fmt!r}")
+    names = _class_names(cfg.get("shape_names"), [txt_root, h5_root], root, num_category)
     if fmt == "h5":
         return _load_h5(cfg, h5_root or root, split, names)
-    raise DataError(f"data.format must be auto, cache, txt or h5; got {fmt!r}")
+    points, labels = load_cache(cache)
+    xyz = stack_xyz(points, str(cache))
+    check_points(xyz, str(cache))
+    return PointClouds(normalize_unit_sphere(xyz), labels, names, str(cache))
 
 
 def fps_subsets(paths: Sequence[Path], num_points: int, batch_size: int = 16,

@@ -380,10 +380,12 @@ def write_modelnet40_layout(root: str | Path, num_classes: int = 8, samples_per_
     ids = {s: [f"{names[c]}_{k + 1 + (samples_per_class if s == 'test' else 0):04d}"
                for c in range(num_classes) for k in range(samples_per_class)] for s in splits}
     files = [root / f"{i.rsplit('_', 1)[0]}" / f"{i}.txt" for s in ids for i in ids[s]]
-    lists = [root / "modelnet40_shape_names.txt",
-             *(root / f"modelnet40_{s}.txt" for s in splits),
-             *(root / cache_name(s) for s in splits)]
-    _refuse_existing(files + lists[:3], force)
+    lists = [root / "modelnet40_shape_names.txt", *(root / f"modelnet40_{s}.txt" for s in splits)]
+    _refuse_existing(files + lists, force)
+    stale = sorted(root.glob(cache_name("*", "*")))
+    if stale:
+        raise FileExistsError(f"{stale[0]} is a cache of the current files and would be stale; "
+                              "remove the caches first")
     for s, (points, _) in splits.items():
         normals = np.zeros_like(points.numpy())
         for shape_id, cloud, normal in zip(ids[s], points.numpy(), normals, strict=True):

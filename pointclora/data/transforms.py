@@ -98,6 +98,9 @@ class BatchTransform:
         return (f"BatchTransform(npoints={self.npoints}, mode={self.mode!r}, "
                 f"protocol={self.protocol!r}, up_axis={self.up_axis!r})")
 
+    def __getstate__(self):  # the vote-mode memo holds a weakref: never pickle it
+        return {**self.__dict__, "_pool_of": (None, None, None)}
+
     def _fps(self, points: torch.Tensor, count: int) -> torch.Tensor:
         ref, version, idx = self._pool_of
         if ref is not None and ref() is points and version == points._version:
