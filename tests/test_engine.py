@@ -173,6 +173,7 @@ def test_run_dir_refuses_existing_run_unless_told(tmp_path):
     prepare_run_dir(run, exist_ok=True)
     with pytest.raises(FileNotFoundError, match="last.pth"):
         prepare_run_dir(run, resume=True)
+    (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.pth").write_bytes(b"")
     assert prepare_run_dir(run, resume=True) == run
     (tmp_path / "file").write_text("")
@@ -289,3 +290,16 @@ def test_single_process_dist_info(monkeypatch):
     info = init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
     assert info.device == torch.device("cpu")
+
+
+# --- few-shot fold lists ----------------------------------------------------------------
+
+def test_parse_folds():
+    from pointclora.engine.fewshot import parse_folds
+
+    assert parse_folds("0-9") == list(range(10))
+    assert parse_folds("3") == [3]
+    assert parse_folds("2-4,7, 3") == [2, 3, 4, 7]
+    for bad in ("", "a", "5-2", "-1", "1-", "0-9x"):
+        with pytest.raises(ValueError, match="--folds"):
+            parse_folds(bad)

@@ -1,1 +1,32 @@
-"""Placeholder; filled by its own module."""
+"""Training engine: the fine-tuning loop, evaluation with voting, optimiser groups, the
+official schedule, checkpoints and resume, run directories and logs, `torchrun` helpers.
+The scripts in `tools/` are thin command lines over it."""
+from .checkpoint import load_checkpoint, restore_model, save_checkpoint
+from .distributed import DistInfo, cleanup, init_distributed
+from .evaluate import accuracy, predict
+from .fewshot import parse_folds, run_folds
+from .optim import build_optimizer, param_groups
+from .rundir import default_output_dir, prepare_run_dir
+from .schedule import OfficialCosineLR, build_scheduler, official_lr
+from .trainer import fit
+
+__all__ = [
+    "DistInfo",
+    "OfficialCosineLR",
+    "accuracy",
+    "build_optimizer",
+    "build_scheduler",
+    "cleanup",
+    "default_output_dir",
+    "fit",
+    "init_distributed",
+    "load_checkpoint",
+    "official_lr",
+    "param_groups",
+    "parse_folds",
+    "predict",
+    "prepare_run_dir",
+    "restore_model",
+    "run_folds",
+    "save_checkpoint",
+]

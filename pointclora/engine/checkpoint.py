@@ -1,11 +1,13 @@
 """Checkpoint files: RNG capture, atomic writes, and what a model contributes to them.
 
 A checkpoint is a dict in the spirit of the official container (`base_model`, `epoch`,
-`metrics`, `best_metrics`, `optimizer`) plus `config`, `method`, `scheduler`, `rng` and,
-for parameter-efficient methods, `adapter` (`adapter_state_dict`). `base_model` holds only
-what cannot be rebuilt from the config: trainable tensors outside the adapter, all buffers
-(BatchNorm statistics move even when frozen), and the frozen weights too when the
-backbone has no pretrained file to reload them from.
+`metrics`, `best_metrics`, `optimizer`) plus `config`, `scheduler`, `rng` and `adapter`.
+- `full`: `base_model` is the whole state dict under the official keys, so the file also
+  loads as `model.pretrained` elsewhere.
+- every other method: `adapter` is `adapter_state_dict(model)` (what training changed,
+  checked against the frozen backbone's fingerprint on load). The frozen backbone is
+  reloaded from `model.pretrained`; when there is none it was randomly initialised, and
+  `base_model` then keeps that initial backbone so the run can be rebuilt.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
+from pointclora.adapters import adapter_state_dict, apply_adapter, load_adapter
+
+from .build import adapter_options, build_backbone
 
 FORMAT_VERSION = 1
 
@@ -70,3 +77,38 @@ def load_checkpoint(path: str | Path) -> dict:
             "pretrained backbone files belong in model.pretrained"
         )
     return ckpt
+
+
+def model_payload(model: nn.Module, cfg: dict, init_backbone: dict | None) -> dict:
+    """The model part of a checkpoint; `init_backbone` is the backbone's state at build time."""
+    if cfg["adapter"]["method"] == "full":
+        return {"base_model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    payload = {"adapter": adapter_state_dict(model)}
+    if not cfg["model"].get("pretrained"):
+        payload["base_model"] = init_backbone
+    return payload
+
+
+def restore_model(cfg: dict, ckpt: dict) -> tuple[nn.Module, dict | None]:
+    """(model rebuilt from `cfg` with the checkpoint's weights, its initial backbone or None)."""
+    method = cfg["adapter"]["method"]
+    if ckpt.get("method", method) != method:
+        raise ValueError(
+            f"the checkpoint was trained with adapter.method={ckpt['method']!r}, the config "
+            f"says {method!r}; use the run's config.yaml"
+        )
+    model = build_backbone(cfg)
+    base = ckpt.get("base_model")
+    if base is not None:
+        missing, unexpected = model.load_state_dict(base, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint weights do not fit the model of this config: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}; use the run's config.yaml"
+            )
+    elif method == "full" or not cfg["model"].get("pretrained"):
+        raise ValueError("the checkpoint holds no backbone weights and the config names no "
+                         "model.pretrained file to rebuild them from")
+    if method == "full":
+        return apply_adapter(model, method, **adapter_options(cfg)[1]), None
+    return load_adapter(model, ckpt["adapter"]), base

@@ -75,6 +75,19 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def on_main(info: DistInfo, fn, *args, **kwargs) -> None:
+    """Run `fn` on rank 0 only; an OSError/ValueError there is raised on every rank."""
+    error = None
+    if info.is_main:
+        try:
+            fn(*args, **kwargs)
+        except (OSError, ValueError) as err:
+            error = err
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,11 +5,17 @@ numbers during training and in `tools/test.py`, and never shifts the training st
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from pointclora.data import build_batch_transform, protocol_description
+
+from .build import amp_dtype, build_datasets
+from .checkpoint import restore_model, seed_everything
 from .distributed import DistInfo, all_gather_object
 
 
@@ -62,3 +68,28 @@ def predict(model: nn.Module, dataset: Dataset, transform, info: DistInfo, batch
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Overall accuracy in percent."""
     return (logits.argmax(1) == labels).float().mean().item() * 100.0
+
+
+def evaluate_checkpoint(cfg: dict, ckpt: dict, info: DistInfo, views: int = 1,
+                        batch_size: int | None = None) -> dict:
+    """Test accuracy of a training checkpoint, computed exactly as during training.
+
+    With `views > 1` each shape is seen through `views` draws of the "vote" transform and
+    the logits are averaged (the ModelNet40 voting protocol).
+    """
+    tcfg = cfg["train"]
+    seed_everything(tcfg["seed"])
+    test_set = build_datasets(cfg, ("test",))["test"]
+    model, _ = restore_model(cfg, ckpt)
+    model.to(info.device)
+    vote_tf = build_batch_transform(cfg["data"], "vote") if views > 1 else None
+    logits, labels = predict(
+        model, test_set, build_batch_transform(cfg["data"], "test"), info,
+        batch_size or max(tcfg["batch_size"] // info.world_size, 1), views=views,
+        vote_transform=vote_tf, seed=tcfg["seed"], num_workers=tcfg["num_workers"],
+        amp_dtype=amp_dtype(cfg, info.device),
+        progress=info.is_main and sys.stderr.isatty(),
+    )
+    return {"acc": accuracy(logits, labels), "views": views, "samples": len(test_set),
+            "epoch": ckpt.get("epoch"), "method": cfg["adapter"]["method"],
+            "protocol": protocol_description(cfg["data"])}

@@ -31,5 +31,5 @@ def prepare_run_dir(path: str | Path, resume: bool = False, exist_ok: bool = Fal
             "elsewhere with --out DIR (or --set output_dir=DIR), or pass --exist-ok to start "
             "over in it (its files are replaced)"
         )
-    (path / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     return path

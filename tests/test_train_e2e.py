@@ -1,0 +1,258 @@
+"""End to end: tools/train.py and tools/test.py on a tiny Point-MAE with the real modules."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pointclora.adapters import parameter_report
+from pointclora.config import load_config
+from pointclora.data import protocol_description
+from pointclora.data.synthetic import generate
+from pointclora.engine import load_checkpoint, restore_model
+from pointclora.engine import trainer as trainer_module
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "model": {"name": "point_mae", "num_group": 8, "group_size": 8, "trans_dim": 32, "depth": 1,
+              "num_heads": 2, "encoder_dims": 32, "drop_path_rate": 0.1, "pretrained": None},
+    "adapter": {"method": "clora"},
+    "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 12, "npoints": 64,
+             "protocol": "A"},
+    "train": {"epochs": 3, "batch_size": 8, "lr": 5.0e-3, "warmup_epochs": 1, "num_workers": 0},
+}
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_tool, test_tool = _tool("train"), _tool("test")
+
+
+def write_config(path: Path, data: dict | None = None, **sections) -> Path:
+    """TINY with `sections` merged in and, when given, `data` in place of its data section."""
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value}
+    if data is not None:
+        cfg["data"] = data
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_log(run: Path) -> list[dict]:
+    with open(run / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished 3-epoch run, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("run")
+    config = write_config(root / "tiny.yaml")
+    run = root / "out"
+    assert train_tool.main(["--config", str(config), "--out", str(run)]) == 0
+    return config, run
+
+
+def test_run_writes_every_output_and_the_loss_falls(trained):
+    config, run = trained
+    for name in ("config.yaml", "log.csv", "train.log", "metrics.json", "curves.png",
+                 "confusion.png", "checkpoints/best.pth", "checkpoints/last.pth"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    rows = read_log(run)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0]
+    # The saved config is the fully resolved one: it reloads to itself and fills cls_dim.
+    saved = load_config(run / "config.yaml")
+    expected = load_config(config)
+    expected["model"]["cls_dim"] = 4
+    expected["output_dir"] = str(run)
+    assert saved == expected
+    log = (run / "train.log").read_text()
+    assert "epoch 2/3" in log and "protocol A" in log and "trainable" in log
+
+
+def test_metrics_json_matches_the_log_and_the_model(trained):
+    _, run = trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    accs = [float(r["test_acc"]) for r in read_log(run)]
+    assert metrics["best_acc"] == pytest.approx(max(accs))
+    assert metrics["best_epoch"] == accs.index(max(accs))
+    assert metrics["final_acc"] == pytest.approx(accs[-1]) and metrics["final_epoch"] == 2
+    cfg = load_config(run / "config.yaml")
+    assert metrics["protocol"] == protocol_description(cfg["data"])
+    assert metrics["method"] == "clora" and metrics["backbone"] == "point_mae"
+    model, _ = restore_model(cfg, load_checkpoint(run / "checkpoints" / "last.pth"))
+    assert metrics["parameters"] == parameter_report(model)
+    assert metrics["wall_time_s"] > 0 and metrics["world_size"] == 1
+
+
+def test_checkpoints_are_adapter_only_plus_the_unrecoverable_random_backbone(trained):
+    _, run = trained
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pth")
+    cfg = ckpt["config"]
+    model, _ = restore_model(cfg, ckpt)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(ckpt["adapter"]["state_dict"]) >= trainable
+    assert ckpt["adapter"]["method"] == "clora"
+    # No pretrained file: the frozen random backbone must travel with the checkpoint,
+    # under the official key names.
+    assert "blocks.blocks.0.attn.qkv.weight" in ckpt["base_model"]
+    best = load_checkpoint(run / "checkpoints" / "best.pth")
+    assert "optimizer" not in best and "optimizer" in ckpt
+
+
+def test_test_tool_reproduces_the_accuracy_saved_at_training_time(trained, tmp_path):
+    config, run = trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    out = tmp_path / "best.json"
+    assert test_tool.main(["--ckpt", str(run / "checkpoints/best.pth"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["acc"] == metrics["best_acc"]
+    # With the config file given explicitly, from the last checkpoint.
+    assert test_tool.main(["--config", str(config), "--ckpt", str(run / "checkpoints/last.pth"),
+                           "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["acc"] == metrics["final_acc"]
+    assert test_tool.main(["--ckpt", str(run / "checkpoints/last.pth"), "--vote", "3",
+                           "--json", str(out)]) == 0
+    voted = json.loads(out.read_text())
+    assert voted["views"] == 3 and 0 <= voted["acc"] <= 100
+
+
+def test_an_existing_run_dir_is_refused_untouched(trained, capsys):
+    config, run = trained
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert train_tool.main(["--config", str(config), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--exist-ok" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 4, "val_every": 2})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_tool.main(["--config", str(config), "--out", str(straight)]) == 0
+
+    log_epoch = trainer_module.Recorder.log_epoch
+
+    def crash_after_epoch_1(self, row):
+        log_epoch(self, row)
+        if row["epoch"] == 1:
+            raise Interrupted
+
+    monkeypatch.setattr(trainer_module.Recorder, "log_epoch", crash_after_epoch_1)
+    with pytest.raises(Interrupted):
+        train_tool.main(["--config", str(config), "--out", str(resumed)])
+    monkeypatch.undo()
+    assert load_checkpoint(resumed / "checkpoints/last.pth")["epoch"] == 1
+    assert train_tool.main(["--config", str(config), "--out", str(resumed), "--resume"]) == 0
+
+    a = load_checkpoint(straight / "checkpoints/last.pth")
+    b = load_checkpoint(resumed / "checkpoints/last.pth")
+    assert a["epoch"] == b["epoch"] == 3
+    sa, sb = a["adapter"]["state_dict"], b["adapter"]["state_dict"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
+        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    drop = ("epoch_time",)
+    rows_a = [{k: v for k, v in r.items() if k not in drop} for r in read_log(straight)]
+    rows_b = [{k: v for k, v in r.items() if k not in drop} for r in read_log(resumed)]
+    assert rows_a == rows_b and len(rows_a) == 4
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((resumed / "metrics.json").read_text())
+    assert (ma["best_acc"], ma["final_acc"]) == (mb["best_acc"], mb["final_acc"])
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+    config = write_config(tmp_path / "tiny.yaml")
+    assert train_tool.main(["--config", str(config), "--out", str(tmp_path / "none"),
+                            "--resume"]) == 2
+    assert "last.pth" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 2})
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "tools/train.py"),
+         "--config", str(config), "--out", str(run), "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert [int(r["epoch"]) for r in read_log(run)] == [0, 1]  # one writer, no duplicates
+    assert proc.stdout.count("best test accuracy") == 1  # rank 0 alone reports
+    ckpt = load_checkpoint(run / "checkpoints/last.pth")
+    assert len(ckpt["rng"]) == 2  # both ranks' random streams, for an exact resume
+
+
+def _write_folds(root: Path, folds: int, way: int = 3) -> None:
+    """Few-shot fold pickles in the official format, from synthetic shapes."""
+    for fold in range(folds):
+        data = {}
+        for split in ("train", "test"):
+            points, labels = generate(way, 8, 64, seed=fold, split=split)
+            cloud = np.concatenate([points.numpy(), np.zeros_like(points.numpy())], -1)
+            data[split] = [(c, int(lb), int(lb) + 10) for c, lb in zip(cloud, labels.tolist(),
+                                                                         strict=True)]
+        path = root / f"{way}way_8shot" / f"{fold}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(data))
+
+
+def test_fewshot_folds_in_one_command_write_mean_and_std(tmp_path):
+    _write_folds(tmp_path / "folds", 2)
+    config = write_config(
+        tmp_path / "fewshot.yaml", train={"epochs": 1},
+        data={"name": "modelnet40_fewshot", "root": str(tmp_path / "folds"), "way": 3,
+              "shot": 8, "fold": 0, "npoints": 64})
+    run = tmp_path / "fs"
+    assert train_tool.main(["--config", str(config), "--out", str(run), "--folds", "0-1"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    per_fold = [json.loads((run / f"fold_{k}" / "metrics.json").read_text())["best_acc"]
+                for k in (0, 1)]
+    assert summary["folds"] == [0, 1] and summary["best_acc"] == per_fold
+    assert summary["best_acc_mean"] == pytest.approx(np.mean(per_fold))
+    assert summary["best_acc_std"] == pytest.approx(np.std(per_fold))
+    assert load_config(run / "fold_1" / "config.yaml")["data"]["fold"] == 1
+    # Resuming a finished few-shot run re-reads the folds instead of training again.
+    assert train_tool.main(["--config", str(config), "--out", str(run), "--folds", "0-1",
+                            "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_run_on_real_modelnet40_files(shared_data, tmp_path):
+    root = shared_data / "modelnet40_normal_resampled_mini"
+    config = write_config(
+        tmp_path / "mn40.yaml", train={"epochs": 1, "batch_size": 16},
+        data={"name": "modelnet40", "root": str(root), "raw_points": 1024, "npoints": 1024})
+    run = tmp_path / "mn40"
+    assert train_tool.main(["--config", str(config), "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["dataset"] == "modelnet40" and 0 <= metrics["best_acc"] <= 100
+    assert load_config(run / "config.yaml")["model"]["cls_dim"] == 40

@@ -1,0 +1,68 @@
+"""Fine-tune a backbone with an adapter as a config says; report the test accuracy.
+
+    python tools/train.py --config configs/scanobjectnn/pb_t50_rs.yaml
+    python tools/train.py --config configs/demo.yaml --set train.epochs=5 --out runs/try
+    python tools/train.py --config configs/modelnet40/fewshot.yaml --folds 0-9
+    torchrun --nproc_per_node 4 tools/train.py --config configs/modelnet40/1k.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pointclora.config import load_config
+from pointclora.engine import (
+    cleanup,
+    default_output_dir,
+    fit,
+    init_distributed,
+    parse_folds,
+    run_folds,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="extend", nargs="+",
+                        default=[], help="override a config value, e.g. train.lr=1e-3 "
+                        "(dotted key, YAML value; repeatable)")
+    parser.add_argument("--out", help="run directory (default: output_dir of the config, "
+                        "else runs/<config name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in the run directory from checkpoints/last.pth")
+    parser.add_argument("--exist-ok", action="store_true",
+                        help="start a fresh run in a run directory that holds one (replaces "
+                        "its files)")
+    parser.add_argument("--folds", help="few-shot: train these folds (e.g. 0-9) one after "
+                        "another and write summary.json with mean and std")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    args = parser.parse_args(argv)
+    if args.resume and args.exist_ok:
+        parser.error("--resume continues a run, --exist-ok starts over: choose one")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.out or cfg["output_dir"] or default_output_dir(args.config))
+        info = init_distributed(args.device)
+        try:
+            if args.folds:
+                run_folds(cfg, run_dir, parse_folds(args.folds), info, resume=args.resume,
+                          exist_ok=args.exist_ok)
+            else:
+                fit(cfg, run_dir, info, resume=args.resume, exist_ok=args.exist_ok)
+        finally:
+            cleanup()
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
