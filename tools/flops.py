@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         method = args.method or cfg["adapter"]["method"]
         model = build_adapted(cfg, method).to(device)
         report = complexity_report(model, cfg["data"]["npoints"])
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:

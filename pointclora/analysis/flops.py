@@ -40,13 +40,6 @@ def sdpa_flop_jit(inputs, outputs) -> int:
     return prod(batch) * length * k[-2] * (embed + v[-1])
 
 
-def cdist_flop_jit(inputs, outputs) -> int:
-    """aten::cdist: one multiply-add per coordinate per pair, B*P*R*M."""
-    x1, x2 = get_shape(inputs[0]), get_shape(inputs[1])
-    *batch, rows, dim = x1
-    return prod(batch) * rows * x2[-2] * dim
-
-
 def fps_flop_jit(inputs, outputs) -> int:
     """Furthest point sampling: each pick updates the squared distance of every point
     (3 multiply-adds); the running min/argmax comparisons are not counted."""
@@ -65,7 +58,6 @@ def knn_flop_jit(inputs, outputs) -> int:
 # fvcore has no handle for these; their work is counted with the handles above.
 SKIPPED_OP_HANDLES = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
-    "aten::cdist": cdist_flop_jit,
 }
 # Our grouping kernels trace as `<namespace>::<name>`; matched by name in any namespace
 # (pointclora_cpu, pointclora_cuda, ...).
@@ -149,7 +141,14 @@ def fvcore_flops(model: nn.Module, inputs: torch.Tensor | tuple) -> FlopCount:
     jit_logger = logging.getLogger("fvcore.nn.jit_analysis")
     previous, jit_logger.disabled = jit_logger.disabled, True
     try:
-        analysis.total()
+        try:
+            analysis.total()
+        except RuntimeError as err:  # torch.jit.trace cannot record some ops
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(
+                f"fvcore could not trace {type(model).__name__}: {first}; FLOP counting needs "
+                "a forward pass that torch.jit.trace can record"
+            ) from err
         point_ops = {op: POINT_OP_HANDLES[name] for op in analysis.unsupported_ops()
                      if (name := _point_op_name(op)) is not None}
         if point_ops:  # their namespace is only known once traced: count again with them

@@ -108,8 +108,10 @@ def methods_table(cfg: dict, device: str | torch.device = "cpu") -> tuple[str, l
     lines += [
         "",
         "GFLOPs: fvcore convention (one multiply-add = one flop; attention matmuls, FPS/kNN "
-        "distances and adapter weight deltas included), one cloud, official graph. "
-        f"Module convention (thop-style, as in the published 4.8): "
-        f"{rows[0]['merged']['gmacs_modules']:.3f} G merged.",
+        "distances and adapter weight deltas included) for one cloud, official graph. "
+        "Unmerged adapters form their weight delta once per forward pass whatever the batch "
+        "size; merging removes that cost. Module convention (thop-style, the published 4.8): "
+        f"{rows[0]['merged']['gmacs_modules']:.3f} G for every merged model. Trainable counts "
+        "include cls_token/cls_pos where the method trains them.",
     ]
     return "\n".join(lines) + "\n", rows
