@@ -153,3 +153,21 @@ def test_fewshot_recipe():
     assert cfg["train"]["epochs"] == 150
     assert cfg["model"]["cls_dim"] is None  # follows data.way through the dataset
     assert (cfg["data"]["way"], cfg["data"]["shot"], cfg["data"]["fold"]) == (5, 10, 0)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_shipped_configs_use_only_keys_their_builders_read(path):
+    import inspect
+
+    from pointclora.adapters import DEFAULT_OPTIONS
+    from pointclora.data.build import COMMON_KEYS, KEYS
+    from pointclora.models import BACKBONES
+
+    cfg = load_config(path)
+    model = dict(cfg["model"])
+    backbone = BACKBONES[model.pop("name")]
+    assert set(model) - {"pretrained"} <= set(inspect.signature(backbone).parameters)
+    adapter = dict(cfg["adapter"])
+    assert set(adapter) - {"method"} <= set(DEFAULT_OPTIONS[adapter.pop("method")])
+    data = cfg["data"]
+    assert set(data) <= COMMON_KEYS | KEYS[data["name"]]
