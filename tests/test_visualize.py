@@ -182,7 +182,8 @@ def _png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_tool_shows_synthetic_samples_and_patches_without_checkpoint(tmp_path, capsys):
+def test_tool_shows_synthetic_samples_and_patches_without_checkpoint(tmp_path, capsys,
+                                                                     monkeypatch):
     out = tmp_path / "vis"
     argv = ["--config", str(ROOT / "configs/demo.yaml"), "--out", str(out), "--samples", "6",
             "--per-page", "4", "--tile", "96", "--patches", "--color", "class",
@@ -204,8 +205,11 @@ def test_tool_shows_synthetic_samples_and_patches_without_checkpoint(tmp_path, c
     code, res = _tool(argv, capsys)  # refuses to replace an earlier run silently
     assert code == 2 and "--overwrite" in res.err
     assert (out / "samples_000.png").is_file()
-    code, _ = _tool([*argv, "--overwrite", "--samples", "2", "--backend", "matplotlib"], capsys)
-    assert code == 0
+    monkeypatch.delenv("DISPLAY", raising=False)  # --show without a display: PNGs, a warning
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    code, res = _tool([*argv, "--overwrite", "--samples", "2", "--backend", "matplotlib",
+                       "--show"], capsys)
+    assert code == 0 and "--show needs a display" in res.err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "patches_000.png",
                                                      "samples_000.png", "summary.json"]
 

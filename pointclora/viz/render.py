@@ -46,7 +46,7 @@ class View:
         if self.up not in UP_AXES:
             raise ValueError(f"view up axis must be one of {sorted(UP_AXES)}, got {self.up!r}")
         u = UP_AXES[self.up]
-        a, b = [i for i in (2, 0, 1) if i != u][:2]  # right-handed (a, b, up)
+        a, b = (u + 1) % 3, (u + 2) % 3  # (a, b, up) is a right-handed cyclic order
         az, el = np.radians(self.azimuth), np.radians(self.elevation)
         back = np.zeros(3)
         back[a], back[b], back[u] = np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)
@@ -280,7 +280,7 @@ rng = np.random.default_rng(0)
 pts = rng.uniform(-1, 1, (500, 3))
 img = render._RENDERERS[{backend!r}](pts, np.tile([0.8, 0.1, 0.1], (500, 1)), pts[:3],
                                       (64, 64), 3.0, render.View(), (0.0, 0.0, 0.0), 0.05)
-sys.exit(1 if render.is_blank(img) else 0)
+sys.exit(3 if render.is_blank(img) else 0)
 """
 
 
@@ -299,7 +299,7 @@ def probe(backend: str, timeout: float = 120.0) -> tuple[bool, str]:
         return False, f"timed out after {timeout:.0f} s"
     if done.returncode == 0:
         return True, ""
-    if done.returncode == 1:
+    if done.returncode == 3:
         return False, "rendered a blank image"
     lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
     return False, f"exit code {done.returncode}: {lines[-1] if lines else 'no message'}"
@@ -368,9 +368,9 @@ def render_cloud(
 
 def show_interactive(points, colors=None, markers=None, title: str = "PointCLoRA") -> None:
     """Open an Open3D window (needs a real display)."""
-    if not _display_available() and sys.platform.startswith("linux"):
-        raise RuntimeError("--show needs a display (DISPLAY/WAYLAND_DISPLAY is unset); "
-                           "drop --show to write PNGs instead")
+    if sys.platform.startswith("linux") and (_xvfb is not None or not _display_available()):
+        raise RuntimeError("--show needs a display (DISPLAY/WAYLAND_DISPLAY is unset or is "
+                           "our own invisible Xvfb); the PNGs are written without it")
     import open3d as o3d
 
     points, markers = fit(points, markers)
