@@ -303,3 +303,50 @@ def test_parse_folds():
     for bad in ("", "a", "5-2", "-1", "1-", "0-9x"):
         with pytest.raises(ValueError, match="--folds"):
             parse_folds(bad)
+
+
+# --- model part of checkpoints ----------------------------------------------------------
+
+TINY_MODEL = {"name": "point_mae", "cls_dim": 3, "num_group": 4, "group_size": 8, "trans_dim": 16,
+              "depth": 1, "num_heads": 2, "encoder_dims": 16, "drop_path_rate": 0.0,
+              "pretrained": None}
+
+
+@pytest.mark.parametrize("pretrained", [False, True], ids=["scratch", "pretrained"])
+@pytest.mark.parametrize("method", ["full", "linear", "lora", "clora", "serial_lora", "aoft"])
+def test_checkpoint_rebuilds_the_trained_model(tmp_path, method, pretrained):
+    from pointclora.engine.build import build_run_model
+    from pointclora.engine.checkpoint import model_payload, restore_model
+    from pointclora.models import build_model
+
+    torch.manual_seed(0)
+    cfg = {"model": dict(TINY_MODEL), "adapter": {"method": method}}
+    if pretrained:
+        path = tmp_path / "finetuned.pth"
+        torch.save({"base_model": build_model(cfg["model"]).state_dict()}, path)
+        cfg["model"]["pretrained"] = str(path)
+    model, init = build_run_model(cfg)
+    # "Training": move every trainable tensor and the live BatchNorm statistics.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model.train()
+    model(torch.randn(4, 64, 3))
+    save_checkpoint({"config": cfg, "method": method, **model_payload(model, cfg, init)},
+                    tmp_path / "ckpt.pth")
+    ckpt = load_checkpoint(tmp_path / "ckpt.pth")
+    torch.manual_seed(1)  # a different random init must not matter
+    restored, _ = restore_model(cfg, ckpt)
+    expected, got = model.state_dict(), restored.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    # PEFT checkpoints with a pretrained file hold the adapter only.
+    assert ("base_model" in ckpt) == (method == "full" or not pretrained)
+    points = torch.randn(2, 64, 3)
+    model.eval(), restored.eval()
+    assert torch.equal(model(points), restored(points))
+    other = dict(cfg, adapter={"method": "lora" if method != "lora" else "clora"})
+    with pytest.raises(ValueError, match="adapter.method"):
+        restore_model(other, ckpt)
