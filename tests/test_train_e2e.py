@@ -196,10 +196,10 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
 def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", train={"epochs": 2})
     run = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(REPO / "tools/train.py"),
+    proc = subprocess.run(  # `python -m torch.distributed.run` is the `torchrun` command
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tools/train.py"),
          "--config", str(config), "--out", str(run), "--device", "cpu"],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
