@@ -67,7 +67,7 @@ def predict(model: nn.Module, dataset: Dataset, transform, info: DistInfo, batch
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Overall accuracy in percent."""
-    return (logits.argmax(1) == labels).float().mean().item() * 100.0
+    return 100.0 * (logits.argmax(1) == labels).sum().item() / len(labels)
 
 
 def evaluate_checkpoint(cfg: dict, ckpt: dict, info: DistInfo, views: int = 1,

@@ -157,8 +157,9 @@ def fit(cfg: dict, run_dir: str | Path, info: DistInfo, resume: bool = False,
     protocol = protocol_description(cfg["data"])
     params = parameter_report(core)
     method = cfg["adapter"]["method"]
-    logger.info("run %s: %s on %s, method %s, %d processes on %s", run_dir,
-                cfg["model"]["name"], cfg["data"]["name"], method, info.world_size, info.device)
+    logger.info("run %s: %s on %s, method %s, %d process%s on %s", run_dir,
+                cfg["model"]["name"], cfg["data"]["name"], method, info.world_size,
+                "es" if info.distributed else "", info.device)
     logger.info("protocol: %s", protocol)
     logger.info("parameters: %s trainable of %s (%s without the head)",
                 f"{params['trainable']:,}", f"{params['total']:,}",
