@@ -48,8 +48,8 @@ def kernels(device_type: str) -> tuple[object | None, str]:
                 ops = getattr(torch.ops, f"pointclora_{device_type}")
                 where = f"cached in {path.parent}"
                 if device_type == "cpu":
-                    reason = (f"cpu C++ kernels compiled (OpenMP over the batch, "
-                              f"{torch.get_num_threads()} threads), {where}")
+                    reason = (f"cpu C++ kernels compiled ({torch.get_num_threads()} "
+                              f"intra-op threads), {where}")
                 else:
                     reason = f"cuda kernels compiled for arch {build.visible_cuda_arch()}, {where}"
                 _kernels[device_type] = (ops, reason)
@@ -130,7 +130,7 @@ def backend_info() -> dict:
     """Which backend serves each device and why, e.g.::
 
         {"cpu": {"furthest_point_sample": "kernels", "knn": "kernels",
-                 "reason": "cpu C++ kernels compiled (OpenMP over the batch, 2 threads), ..."},
+                 "reason": "cpu C++ kernels compiled (2 intra-op threads), cached in ..."},
          "cuda": {"furthest_point_sample": None, "knn": None,
                   "reason": "no CUDA device visible"},
          "pointnet2_ops": "pointnet2_ops not importable (...)", "default_backend": "auto",

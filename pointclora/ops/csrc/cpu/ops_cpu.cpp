@@ -9,15 +9,17 @@
 //
 // Clouds are copied to float32 structure-of-arrays planes so the inner loops run on
 // 8-wide vectors (GCC/Clang vector extensions; an AVX2 clone is chosen at load time on
-// x86-64). Work is split over clouds (FPS) or queries (kNN) with at::parallel_for, which
-// follows torch.set_num_threads. Brute force on purpose: at the sizes of point-cloud
-// backbones (N <= 8192) a spatial index costs more to build than it saves.
+// x86-64). Clouds (FPS) or chunks of queries (kNN) are handed out to torch's intra-op
+// threads (at::parallel_for, so torch.set_num_threads applies). Brute force on purpose:
+// at backbone sizes (N <= 8192) a spatial index (Morton-ordered boxes were tried) cost
+// about as much to build as it saved.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -82,6 +84,18 @@ inline int64_t padded(int64_t n) { return (n + kBlock - 1) / kBlock * kBlock; }
 POINTCLORA_INLINE vfloat sqdist(vfloat x, vfloat y, vfloat z, vfloat cx, vfloat cy, vfloat cz) {
   const vfloat dx = x - cx, dy = y - cy, dz = z - cz;
   return dx * dx + dy * dy + dz * dz;
+}
+
+// fn(begin, end) over [0, n) in chunks handed out one at a time to torch's intra-op
+// threads: on a busy machine a thread that the OS pauses holds back one chunk, not half
+// of the work as with a static split.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, std::max<int64_t>(tasks, 1), 1, [&](int64_t, int64_t) {
+    for (int64_t s; (s = next.fetch_add(chunk)) < n;) fn(s, std::min(n, s + chunk));
+  });
 }
 
 // (x, y, z) planes of one cloud, padded to a multiple of kBlock with zeros.
@@ -163,7 +177,7 @@ at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
   at::Tensor out = at::empty({b, npoint}, xyz.options().dtype(at::kLong));
   const float* src = xyz.data_ptr<float>();
   int64_t* dst = out.data_ptr<int64_t>();
-  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(b, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(4 * padded(n));
     for (int64_t c = begin; c < end; ++c) {
       fps_cloud(src + c * n * 3, n, npoint, dst + c * npoint, work.data());
@@ -240,7 +254,7 @@ std::vector<at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query, int6
   at::Tensor idx = at::empty({b, m, k}, ref.options().dtype(at::kLong));
   std::vector<float> soa(b * 3 * np);
   const float* r = ref.data_ptr<float>();
-  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(b, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       float* base = soa.data() + c * 3 * np;
       to_soa(r + c * n * 3, n, base, base + np, base + 2 * np);
@@ -249,7 +263,7 @@ std::vector<at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query, int6
   const float* q = query.data_ptr<float>();
   float* out_d = dist.data_ptr<float>();
   int64_t* out_i = idx.data_ptr<int64_t>();
-  at::parallel_for(0, b * m, 16, [&](int64_t begin, int64_t end) {
+  parallel_chunks(b * m, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> work(np), mins;
     std::vector<std::pair<float, int64_t>> near;
     for (int64_t t = begin; t < end; ++t) {
