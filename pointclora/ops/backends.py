@@ -54,7 +54,7 @@ def kernels(device_type: str) -> tuple[object | None, str]:
                     reason = f"cuda kernels compiled for arch {build.visible_cuda_arch()}, {where}"
                 _kernels[device_type] = (ops, reason)
             except Exception as err:  # compiler, ninja, headers, loader: all fall back
-                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                first = (str(err).strip().splitlines() or [""])[0][:300]
                 reason = (f"{device_type} kernels unavailable ({type(err).__name__}: {first}); "
                           "using the pure-torch fallback")
                 warnings.warn(f"pointclora.ops: {reason}", RuntimeWarning, stacklevel=3)
