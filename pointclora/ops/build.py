@@ -165,9 +165,10 @@ def build(kind: str, arch: str | None = None, verbose: bool | None = None) -> Pa
         cpp_extension.load(
             name=name,
             sources=[str(p) for p in sources(kind)],
-            extra_cflags=flags["cflags"],
-            extra_cuda_cflags=flags.get("cuda_cflags"),
-            extra_ldflags=flags["ldflags"],
+            # Copies: cpp_extension appends to these lists, which would change build_key.
+            extra_cflags=list(flags["cflags"]),
+            extra_cuda_cflags=list(flags.get("cuda_cflags", [])),
+            extra_ldflags=list(flags["ldflags"]),
             build_directory=str(directory),
             is_python_module=False,
             verbose=verbose,
