@@ -159,6 +159,13 @@ def validate(cfg: dict, source: str = "config") -> dict:
     return cfg
 
 
+def add_override_argument(parser) -> None:
+    """The one ``--set KEY=VALUE`` option every tool shares (repeatable, several per flag)."""
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="extend", nargs="+",
+                        default=[], help="override a config value, e.g. train.lr=1e-3 "
+                        "(dotted key, YAML value; repeatable)")
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Resolved run config: defaults < `_base_` files < the file < `overrides`."""
     cfg = deep_merge(DEFAULTS, _read_yaml(Path(path), ()))

@@ -19,7 +19,7 @@ import torch
 
 from pointclora.adapters import METHODS
 from pointclora.analysis import build_adapted, complexity_report, methods_table
-from pointclora.config import load_config
+from pointclora.config import add_override_argument, load_config
 
 DEFAULT_TABLE = Path("benchmarks/results/methods_table.md")
 
@@ -27,8 +27,7 @@ DEFAULT_TABLE = Path("benchmarks/results/methods_table.md")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
-                        default=[], help="override a config value (dotted key, YAML value)")
+    add_override_argument(parser)
     parser.add_argument("--method", choices=METHODS, help="default: the config's adapter.method")
     parser.add_argument("--all-methods", action="store_true",
                         help="one Markdown table of every adapter method on this backbone")

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from pointclora.config import apply_overrides, load_config, validate
+from pointclora.config import add_override_argument, apply_overrides, load_config, validate
 from pointclora.engine import cleanup, init_distributed, load_checkpoint
 from pointclora.engine.evaluate import evaluate_checkpoint
 
@@ -20,8 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by tools/train.py")
     parser.add_argument("--config", help="YAML config (default: the one stored in --ckpt)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="extend", nargs="+",
-                        default=[], help="override a config value (dotted key, YAML value)")
+    add_override_argument(parser)
     parser.add_argument("--vote", type=int, default=1, metavar="N",
                         help="views per shape, logits averaged (ModelNet40 protocol: 10)")
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pointclora.config import load_config
+from pointclora.config import add_override_argument, load_config
 from pointclora.engine import (
     cleanup,
     default_output_dir,
@@ -25,9 +25,7 @@ from pointclora.engine import (
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="extend", nargs="+",
-                        default=[], help="override a config value, e.g. train.lr=1e-3 "
-                        "(dotted key, YAML value; repeatable)")
+    add_override_argument(parser)
     parser.add_argument("--out", help="run directory (default: output_dir of the config, "
                         "else runs/<config name>)")
     parser.add_argument("--resume", action="store_true",

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from pointclora.config import apply_overrides, load_config, validate
+from pointclora.config import add_override_argument, apply_overrides, load_config, validate
 from pointclora.data import build_batch_transform
 from pointclora.engine import cleanup, init_distributed, load_checkpoint, predict, restore_model
 from pointclora.engine.build import build_datasets
@@ -45,8 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (default: the one stored in --ckpt)")
     parser.add_argument("--ckpt", help="checkpoint written by tools/train.py (predictions)")
     parser.add_argument("--out", required=True, type=Path, help="output folder for the PNGs")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append",
-                        default=[], help="override a config value (dotted key, YAML value)")
+    add_override_argument(parser)
     parser.add_argument("--split", choices=("test", "train"), default="test")
     parser.add_argument("--samples", type=int, default=16, help="samples shown (default 16)")
     parser.add_argument("--max-eval", type=int,
