@@ -58,6 +58,6 @@ class AOFTLinear(LowRankLinear):
         self.aoft_up = nn.Parameter(_init_vectors(n_slices, self.slice_out, init))
         self.aoft_scale = nn.Parameter(torch.zeros(n_slices, r))
 
-    def slice_deltas(self) -> torch.Tensor:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         up = ao_columns(self.aoft_up, self.r) * self.aoft_scale[:, None, :]
-        return up @ ao_columns(self.aoft_down, self.r).transpose(-1, -2)
+        return up, ao_columns(self.aoft_down, self.r).transpose(-1, -2)

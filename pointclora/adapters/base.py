@@ -1,9 +1,13 @@
 """Common base of the weight-delta wrappers around a frozen ``nn.Linear``.
 
-Every method here adds a delta ``Delta W`` that does not depend on the input, so one
-``delta_weight()`` serves both the forward pass (``(W + Delta W) x + b``) and the merge
-(``W <- W + Delta W``): the adapted and the merged model compute the same matmul.
-Forming ``Delta W`` costs ``d_in * d_out * r`` once per step, independent of the batch.
+Every method here adds a low-rank delta ``Delta W = up @ down`` that does not depend on the
+input, given by ``factors()``. The forward pass is always ``(W + Delta W) x + b``: one matmul,
+the same as the merged model's (forming ``Delta W`` costs ``d_in * d_out * rank`` once per
+call, independent of the batch), and the merge (``W <- W + Delta W``) uses the same
+``delta_weight()``. While autograd records, the backward goes through
+:class:`LowRankLinearFunction`, which takes the factors' gradients from ``(tokens x rank)``
+products: autograd on ``(W + Delta W) x`` would form a dense ``d_out x d_in`` weight
+gradient, as costly as the frozen layer's own weight gradient in full fine-tuning.
 """
 from __future__ import annotations
 
@@ -16,12 +20,57 @@ from torch import nn
 BASE_LAYER = "base_layer"
 
 
+class LowRankLinearFunction(torch.autograd.Function):
+    """``y = x (W + Delta W)^T + b`` with ``Delta W`` slice ``j`` = ``up[j] @ down[j]``.
+
+    ``up (n, out/n, R)``, ``down (n, R, in)``. The backward never forms a ``d_out x d_in``
+    gradient unless ``W`` itself trains: ``grad_x = g W + (g up) down``,
+    ``grad_up[j] = g_j^T (x down[j]^T)``, ``grad_down[j] = (g_j up[j])^T x``.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, up, down):
+        delta = (up @ down).reshape(weight.shape)
+        return F.linear(x, weight + delta.to(weight.dtype), bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, up, down = inputs
+        ctx.save_for_backward(x, weight, up, down)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, up, down = ctx.saved_tensors
+        need_x, need_w, need_b, need_up, need_down = ctx.needs_input_grad
+        dtype = grad.dtype  # under autocast the output (and its gradient) may be half precision
+        n, slice_out, rank = up.shape
+        g = grad.reshape(-1, weight.shape[0])
+        x2 = x.reshape(-1, weight.shape[1]).to(dtype)
+        up, down = up.to(dtype), down.to(dtype)
+        down_flat = down.reshape(n * rank, -1)
+        g_slices = g.split(slice_out, dim=1)  # strided views, no copy
+        g_up = torch.cat([gj @ uj for gj, uj in zip(g_slices, up, strict=True)], 1)  # (T, n R)
+        grad_x = grad_w = grad_b = grad_up = grad_down = None
+        if need_x:
+            grad_x = (g @ weight.to(dtype)).addmm_(g_up, down_flat).view(x.shape)
+        if need_w:
+            grad_w = g.t() @ x2
+        if need_b:
+            grad_b = g.sum(0)
+        if need_up:
+            hidden = (x2 @ down_flat.t()).split(rank, dim=1)  # x down[j]^T
+            grad_up = torch.stack([gj.t() @ hj for gj, hj in zip(g_slices, hidden, strict=True)])
+        if need_down:
+            grad_down = (g_up.t() @ x2).view(n, rank, -1)
+        return grad_x, grad_w, grad_b, grad_up, grad_down
+
+
 class LowRankLinear(nn.Module):
     """A frozen linear layer plus a learned weight delta.
 
     ``n_slices`` splits the output rows into equal slices that are adapted independently,
     so a fused ``qkv`` projection carries separate q, k and v modules.
-    Subclasses implement ``slice_deltas()`` (``(n_slices, out/n_slices, in)``).
+    Subclasses implement ``factors()``.
     """
 
     def __init__(self, base_layer: nn.Linear, n_slices: int = 1):
@@ -39,18 +88,29 @@ class LowRankLinear(nn.Module):
         self.n_slices = n_slices
         self.slice_out = base_layer.out_features // n_slices
 
-    def slice_deltas(self) -> torch.Tensor:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``up (n_slices, out/n_slices, R)`` and ``down (n_slices, R, in)``: slice ``j`` of
+        ``Delta W`` is ``up[j] @ down[j]``."""
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
         """``Delta W`` in ``nn.Linear`` layout ``(out_features, in_features)``."""
-        return self.slice_deltas().reshape(self.out_features, self.in_features)
+        up, down = self.factors()
+        return (up @ down).reshape(self.out_features, self.in_features)
 
     def regularization(self) -> torch.Tensor | None:
         """Weighted regulariser of this module, or None when the method has none."""
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            up, down = self.factors()
+            return LowRankLinearFunction.apply(x, self.base_layer.weight, self.base_layer.bias,
+                                               up, down)
+        return self.dense_forward(x)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same output through plain autograd ops (and the path without autograd)."""
         weight = self.base_layer.weight
         return F.linear(x, weight + self.delta_weight().to(weight.dtype), self.base_layer.bias)
 

@@ -120,10 +120,13 @@ class CLoRALinear(LowRankLinear):
     def _spaces(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.bank.down[str(self.in_features)], self.bank.up[str(self.slice_out)]
 
-    def slice_deltas(self) -> torch.Tensor:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``up = [U_1; ...; U_p]^T`` (shared by the slices), ``down_j = [D_h Q_h^j]_h^T``."""
         down, up = self._spaces()
-        dq = torch.einsum("hir,jhrs->jhis", down, self.clora_Q)  # D_h Q_h^j
-        return torch.einsum("jhis,hso->joi", dq, up)  # (sum_h D_h Q_h^j U_h)^T
+        p, r = self.bank.p, self.bank.r
+        dq = torch.einsum("hir,jhrs->jhsi", down, self.clora_Q)  # (D_h Q_h^j)^T
+        up = up.reshape(p * r, self.slice_out).t()
+        return up.expand(self.n_slices, -1, -1), dq.reshape(self.n_slices, p * r, -1)
 
     def regularization(self) -> torch.Tensor | None:
         if self.sade_weight == 0:

@@ -16,5 +16,5 @@ class LoRALinear(LowRankLinear):
         self.scaling = alpha / r
         self.lora_A, self.lora_B = low_rank_pair(n_slices, r, self.in_features, self.slice_out)
 
-    def slice_deltas(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scaling * self.lora_B, self.lora_A

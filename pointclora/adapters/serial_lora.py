@@ -1,7 +1,8 @@
 """Serial LoRA: one low-rank pair composed before the frozen projection.
 
 ``y = W (x + s B A x) + b``, so on a fused qkv layer q, k and v share the pair; the
-merged weight is ``W (I + s B A)``, i.e. ``Delta W = s W B A``.
+merged weight is ``W (I + s B A)``, i.e. ``Delta W = s W B A``, whose factors are
+``up = s W B`` (``d_out x r``, ``d_out d_in r`` to form) and ``down = A``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class SerialLoRALinear(LowRankLinear):
         a, b = low_rank_pair(1, r, self.in_features, self.in_features)
         self.serial_A, self.serial_B = nn.Parameter(a[0]), nn.Parameter(b[0])
 
-    def slice_deltas(self) -> torch.Tensor:
-        inner = self.scaling * (self.serial_B @ self.serial_A)
-        return (self.base_layer.weight @ inner.to(self.base_layer.weight.dtype))[None]
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.base_layer.weight
+        up = self.scaling * (weight @ self.serial_B.to(weight.dtype))
+        return up[None], self.serial_A[None].to(weight.dtype)

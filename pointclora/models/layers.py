@@ -3,8 +3,34 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: timm's ``DropPath`` (same per-sample masks, same random stream).
+
+    Blocks do not call it on the branch; they take ``mask()`` and fuse it with the residual
+    sum in one ``addcmul`` (no separate product tensor forward or backward). Implemented here
+    rather than imported from timm, whose import costs seconds.
+    """
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``Bernoulli(keep) / keep`` of shape ``(B, 1, ..., 1)``."""
+        keep = 1 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0:
+            return x
+        return x * self.mask(x)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
 
 
 class Attention(nn.Module):
@@ -62,8 +88,14 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self._residual(x, self.attn(self.norm1(x)))
+        return self._residual(x, self.mlp(self.norm2(x)))
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """``x + drop_path(branch)``, one fused op when a path may be dropped."""
+        if self.training and getattr(self.drop_path, "drop_prob", 0) > 0:
+            return torch.addcmul(x, branch, self.drop_path.mask(branch))
+        return x + branch
 
 
 class TransformerEncoder(nn.Module):

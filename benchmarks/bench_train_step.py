@@ -1,0 +1,228 @@
+"""Training-step cost of each fine-tuning method, and of our model code against the official one.
+
+One step is what the trainer does per batch: forward (grouping included), cross-entropy plus
+the adapter regulariser, backward, gradient clipping at 10 and an AdamW step with the official
+weight-decay groups. Setting: ScanObjectNN (2048 points, 128 groups of 32, 15 classes), the
+full-size Point-MAE, one fixed batch of synthetic clouds through the training transform. Every
+contender starts from the same weights. Contenders run interleaved in one process and keep the
+minimum over the repetitions; peak memory is measured in a fresh process per contender
+(``common.PeakMemory``).
+
+    python benchmarks/bench_train_step.py [--batch 8] [--repeats 3] [--device cpu|cuda]
+                                          [--ablation] [--quick]
+
+``--ablation`` adds, for every low-rank method, the dense training path (the adapted layer
+computes ``(W + Delta W) x``, whose backward forms a ``d_out x d_in`` weight gradient) next to
+the factored one the adapters use in training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import (
+    CHILD_FLAG,
+    PeakMemory,
+    add_common_args,
+    command_line,
+    interleaved_min,
+    machine_description,
+    markdown_table,
+    measure_in_child,
+    report,
+    setup,
+)
+from reference_pointmae import ReferencePointMAE
+
+from pointclora.adapters import apply_adapter, parameter_report, regularization_loss
+from pointclora.adapters.base import LowRankLinear
+from pointclora.data import build_batch_transform, build_dataset
+from pointclora.engine.optim import build_optimizer
+from pointclora.models import PointMAE
+
+PEFT = ("lora", "clora", "serial_lora", "aoft")
+METHODS = ("full", "linear", *PEFT)
+REFERENCE = "reference"  # the official code, full fine-tuning
+DENSE = " (dense)"  # suffix of the ablation contenders
+TRAIN = {"lr": 5e-4, "weight_decay": 0.05}
+
+
+def model_config(quick: bool) -> dict:
+    if quick:
+        return dict(cls_dim=15, num_group=32, group_size=16, depth=2)
+    return dict(cls_dim=15, num_group=128, group_size=32)  # full-size Point-MAE
+
+
+def make_batch(batch: int, npoints: int, device: torch.device, seed: int = 0):
+    """``batch`` synthetic clouds through the training transform (permutation + scale/shift)."""
+    data = {"name": "synthetic", "num_classes": 15, "npoints": npoints, "seed": seed,
+            "samples_per_class": -(-batch // 15)}
+    dataset = build_dataset(data, "train")
+    points = torch.stack([dataset[i][0] for i in range(batch)])
+    labels = torch.tensor([dataset[i][1] for i in range(batch)])
+    gen = torch.Generator().manual_seed(seed)
+    points = build_batch_transform(data, "train")(points, generator=gen)
+    return points.to(device), labels.to(device)
+
+
+def build(contender: str, state: dict, cfg: dict, device: torch.device) -> torch.nn.Module:
+    """The model of a contender, loaded with ``state`` (the shared initial weights)."""
+    if contender == REFERENCE:
+        model = ReferencePointMAE(**cfg)
+        model.load_state_dict(state)
+        return model.to(device).train()
+    method = contender.removesuffix(DENSE)
+    model = PointMAE(**cfg)
+    model.load_state_dict(state)
+    apply_adapter(model, method)
+    if contender.endswith(DENSE):
+        for module in model.modules():
+            if isinstance(module, LowRankLinear):
+                module.forward = module.dense_forward
+    return model.to(device).train()
+
+
+def make_step(model: torch.nn.Module, points: torch.Tensor, labels: torch.Tensor):
+    optimizer = build_optimizer(model, TRAIN)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        loss = F.cross_entropy(model(points), labels) + regularization_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimizer.step()
+    step.optimizer = optimizer
+    return step
+
+
+def persistent_bytes(model: torch.nn.Module, optimizer_state: dict) -> int:
+    """Parameters, gradients and optimizer state: what stays allocated between steps."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
+                 if p.grad is not None)
+    for state in optimizer_state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values()
+                     if isinstance(t, torch.Tensor))
+    return total
+
+
+def child(argv: list[str]) -> None:
+    """Peak memory of two training steps of one contender, as one JSON line."""
+    contender, batch, device, threads, quick = json.loads(argv[0])
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    cfg = model_config(quick)
+    torch.manual_seed(0)
+    state = PointMAE(**cfg).state_dict()  # built before the measure: the weights count once
+    points, labels = make_batch(batch, 256 if quick else 2048, device)
+    with PeakMemory(device) as mem:
+        model = build(contender, state, cfg, device)
+        del state
+        step = make_step(model, points, labels)
+        step()
+        step()
+    kept = persistent_bytes(model, step.optimizer.state)
+    print(json.dumps({"peak": mem.peak, "persistent": kept}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser, repeats=3)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="clouds per step (default 8 on CPU, the official 32 on CUDA)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time the dense (W + Delta W) x training path of the adapters")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    args = parser.parse_args()
+    device = setup(args)
+    batch = args.batch or (2 if args.quick else 8 if device.type == "cpu" else 32)
+    repeats = 1 if args.quick else args.repeats
+    cfg = model_config(args.quick)
+
+    torch.manual_seed(0)
+    state = PointMAE(**cfg).state_dict()
+    points, labels = make_batch(batch, 256 if args.quick else 2048, device)
+    names = [REFERENCE, *METHODS] + ([m + DENSE for m in PEFT] if args.ablation else [])
+    models = {name: build(name, state, cfg, device) for name in names}
+    steps = {name: make_step(m, points, labels) for name, m in models.items()}
+    trainable = {name: parameter_report(m)["trainable"] for name, m in models.items()}
+    print(f"batch {batch}, {repeats} interleaved rounds")
+    times = interleaved_min(steps, repeats, device)
+    del steps, models
+
+    memory = {}
+    if not args.no_memory:
+        threads = torch.get_num_threads()
+        for name in names:
+            payload = json.dumps([name, batch, str(device), threads, args.quick])
+            memory[name] = measure_in_child(Path(__file__), [payload])
+            print(f"  peak memory {name}: {memory[name]['peak'] / 2**20:.0f} MiB")
+
+    text = render(args, device, batch, repeats, names, times, memory, trainable)
+    report("train_step_ablation" if args.ablation else "train_step", text, args)
+
+
+def render(args, device, batch, repeats, names, times, memory, trainable) -> str:
+    full_t = times["full"]
+    peak = {name: m["peak"] for name, m in memory.items()}
+    rows = []
+    for name in names:
+        label = "official code, full" if name == REFERENCE else name
+        row = [label, f"{trainable[name]:,}", f"{times[name] * 1e3:.0f}",
+               f"{times[name] / full_t:.2f}"]
+        if name in memory:
+            kept = memory[name]["persistent"]
+            row += [f"{peak[name] / 2**20:.0f}", f"{peak[name] / peak['full']:.2f}",
+                    f"{kept / 2**20:.0f}", f"{(peak[name] - kept) / 2**20:.0f}"]
+        else:
+            row += ["-"] * 4
+        rows.append(row)
+    headers = ["method", "trainable", "step ms (min)", "time / full", "peak MiB",
+               "memory / full", "of which weights+grads+AdamW MiB", "rest (activations) MiB"]
+    size = "quick smoke sizes" if args.quick else \
+        "2048 points, 128 groups x 32, 15 classes, full-size Point-MAE (22.1 M parameters)"
+    lines = [
+        "# Training step: fine-tuning methods and the official code",
+        "",
+        f"`{command_line()}`",
+        "",
+        f"- Setting: batch {batch}, {size}; device `{device}`.",
+        f"- Machine: {machine_description(device)}.",
+        f"- Step: forward (grouping included) + cross-entropy + regulariser, backward, "
+        f"clip 10, AdamW. Minimum of {repeats} interleaved repetitions after one warm-up "
+        f"round; all contenders in one process, same initial weights and batch.",
+        "- Peak memory: " + ("`torch.cuda.max_memory_allocated` over building the model and "
+                             "two steps" if device.type == "cuda" else
+                             "peak RSS minus the RSS before the model is built, in a fresh "
+                             "process per contender with glibc's mmap threshold at 64 KiB "
+                             "(freed tensors leave the resident set)")
+        + "; it covers the weights, gradients, AdamW state and activations.",
+        "",
+        markdown_table(headers, rows),
+    ]
+    peft = [n for n in PEFT if n in times]
+    if peft:
+        worst_t = max(times[n] / full_t for n in peft)
+        lines += ["", f"- Every PEFT method at most 0.6x the full step time: worst "
+                  f"{worst_t:.2f}x ({'met' if worst_t <= 0.6 else 'NOT met'})."]
+        if peak:
+            worst_m = max(peak[n] / peak["full"] for n in peft)
+            lines.append(f"- Peak memory at most 0.5x full: worst {worst_m:.2f}x "
+                         f"({'met' if worst_m <= 0.5 else 'NOT met'}).")
+    ratio = full_t / times[REFERENCE]
+    lines.append(f"- Our full fine-tuning step vs the official code: {ratio:.2f}x the time "
+                 f"({(1 - ratio) * 100:.0f}% faster; target at least 10%: "
+                 f"{'met' if ratio <= 0.9 else 'NOT met'}).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == CHILD_FLAG:
+        child(sys.argv[2:])
+    else:
+        main()
