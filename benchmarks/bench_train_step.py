@@ -11,9 +11,10 @@ minimum over the repetitions; peak memory is measured in a fresh process per con
     python benchmarks/bench_train_step.py [--batch 8] [--repeats 3] [--device cpu|cuda]
                                           [--ablation] [--quick]
 
-``--ablation`` adds, for every low-rank method, the dense training path (the adapted layer
-computes ``(W + Delta W) x``, whose backward forms a ``d_out x d_in`` weight gradient) next to
-the factored one the adapters use in training.
+``--ablation`` adds, for every low-rank method, two other training paths next to the one the
+adapters use (``LowRankLinearFunction``: forward ``(W + Delta W) x``, backward through the
+low-rank factors): "dense", plain autograd on ``(W + Delta W) x``, whose backward forms a
+``d_out x d_in`` weight gradient, and "factored", plain autograd on ``W x + up (down x)``.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from common import (
     measure_in_child,
     report,
     setup,
+    sync,
 )
 from reference_pointmae import ReferencePointMAE
 
@@ -47,7 +49,7 @@ from pointclora.models import PointMAE
 PEFT = ("lora", "clora", "serial_lora", "aoft")
 METHODS = ("full", "linear", *PEFT)
 REFERENCE = "reference"  # the official code, full fine-tuning
-DENSE = " (dense)"  # suffix of the ablation contenders
+PATHS = (" (dense)", " (factored)")  # suffixes of the ablation contenders
 TRAIN = {"lr": 5e-4, "weight_decay": 0.05}
 
 
@@ -75,15 +77,25 @@ def build(contender: str, state: dict, cfg: dict, device: torch.device) -> torch
         model = ReferencePointMAE(**cfg)
         model.load_state_dict(state)
         return model.to(device).train()
-    method = contender.removesuffix(DENSE)
+    method, _, path = contender.partition(" ")
     model = PointMAE(**cfg)
     model.load_state_dict(state)
     apply_adapter(model, method)
-    if contender.endswith(DENSE):
-        for module in model.modules():
-            if isinstance(module, LowRankLinear):
-                module.forward = module.dense_forward
+    for module in model.modules():
+        if isinstance(module, LowRankLinear) and path:
+            module.forward = (module.dense_forward if path == PATHS[0].strip()
+                              else factored_forward(module))
     return model.to(device).train()
+
+
+def factored_forward(module: LowRankLinear):
+    """``W x + b + up (down x)`` through plain autograd ops (block-diagonal ``up`` for slices)."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        up, down = module.factors()
+        hidden = F.linear(x, down.reshape(-1, module.in_features))
+        up = up[0] if module.n_slices == 1 else torch.block_diag(*up)
+        return module.base_layer(x) + F.linear(hidden, up)
+    return forward
 
 
 def make_step(model: torch.nn.Module, points: torch.Tensor, labels: torch.Tensor):
@@ -136,7 +148,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="clouds per step (default 8 on CPU, the official 32 on CUDA)")
     parser.add_argument("--ablation", action="store_true",
-                        help="also time the dense (W + Delta W) x training path of the adapters")
+                        help="time the adapters' three training paths side by side")
+    parser.add_argument("--profile", nargs="*", metavar="METHOD",
+                        help="instead of timing, profile one step of each METHOD (default: "
+                             "full clora) and list the top ops by self CPU time")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     args = parser.parse_args()
     device = setup(args)
@@ -147,7 +162,13 @@ def main() -> None:
     torch.manual_seed(0)
     state = PointMAE(**cfg).state_dict()
     points, labels = make_batch(batch, 256 if args.quick else 2048, device)
-    names = [REFERENCE, *METHODS] + ([m + DENSE for m in PEFT] if args.ablation else [])
+    if args.profile is not None:
+        profile(args, device, batch, state, cfg, points, labels)
+        return
+    if args.ablation:  # the training paths of the adapters, side by side
+        names = ["full"] + [m + p for m in PEFT for p in ("", *PATHS)]
+    else:
+        names = [REFERENCE, *METHODS]
     models = {name: build(name, state, cfg, device) for name in names}
     steps = {name: make_step(m, points, labels) for name, m in models.items()}
     trainable = {name: parameter_report(m)["trainable"] for name, m in models.items()}
@@ -167,6 +188,35 @@ def main() -> None:
     report("train_step_ablation" if args.ablation else "train_step", text, args)
 
 
+def profile(args, device, batch, state, cfg, points, labels, top: int = 10) -> None:
+    """Top ops by self CPU time of one step (after two warm-up steps) per method."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    lines = ["# Training step profile", "", f"`{command_line()}`", "",
+             f"- Batch {batch}, the setting of `train_step.md`; device `{device}`.",
+             f"- Machine: {machine_description(device)}.",
+             "- One step under `torch.profiler` after two warm-up steps; top "
+             f"{top} ops by self CPU time (the profiler adds its own overhead).", ""]
+    for name in args.profile or ["full", "clora"]:
+        step = make_step(build(name, state, cfg, device), points, labels)
+        step(), step()
+        sync(device)
+        with torch_profile(activities=activities) as prof:
+            step()
+            sync(device)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        rows = [[f"`{e.key}`", f"{e.self_cpu_time_total / 1e3:.1f}",
+                 f"{100 * e.self_cpu_time_total / total:.1f}", e.count]
+                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
+        lines += [f"## {name}: {total / 1e3:.0f} ms self CPU in all", "",
+                  markdown_table(["op", "self CPU ms", "%", "calls"], rows), ""]
+    report("train_step_profile", "\n".join(lines), args)
+
+
 def render(args, device, batch, repeats, names, times, memory, trainable) -> str:
     full_t = times["full"]
     peak = {name: m["peak"] for name, m in memory.items()}
@@ -175,15 +225,15 @@ def render(args, device, batch, repeats, names, times, memory, trainable) -> str
         label = "official code, full" if name == REFERENCE else name
         row = [label, f"{trainable[name]:,}", f"{times[name] * 1e3:.0f}",
                f"{times[name] / full_t:.2f}"]
-        if name in memory:
+        if memory:
             kept = memory[name]["persistent"]
             row += [f"{peak[name] / 2**20:.0f}", f"{peak[name] / peak['full']:.2f}",
                     f"{kept / 2**20:.0f}", f"{(peak[name] - kept) / 2**20:.0f}"]
-        else:
-            row += ["-"] * 4
         rows.append(row)
-    headers = ["method", "trainable", "step ms (min)", "time / full", "peak MiB",
-               "memory / full", "of which weights+grads+AdamW MiB", "rest (activations) MiB"]
+    headers = ["method", "trainable", "step ms (min)", "time / full"]
+    if memory:
+        headers += ["peak MiB", "memory / full", "of which weights+grads+AdamW MiB",
+                    "rest (activations) MiB"]
     size = "quick smoke sizes" if args.quick else \
         "2048 points, 128 groups x 32, 15 classes, full-size Point-MAE (22.1 M parameters)"
     lines = [
@@ -196,12 +246,15 @@ def render(args, device, batch, repeats, names, times, memory, trainable) -> str
         f"- Step: forward (grouping included) + cross-entropy + regulariser, backward, "
         f"clip 10, AdamW. Minimum of {repeats} interleaved repetitions after one warm-up "
         f"round; all contenders in one process, same initial weights and batch.",
-        "- Peak memory: " + ("`torch.cuda.max_memory_allocated` over building the model and "
-                             "two steps" if device.type == "cuda" else
-                             "peak RSS minus the RSS before the model is built, in a fresh "
-                             "process per contender with glibc's mmap threshold at 64 KiB "
-                             "(freed tensors leave the resident set)")
-        + "; it covers the weights, gradients, AdamW state and activations.",
+    ]
+    if memory:
+        lines.append("- Peak memory: " + (
+            "`torch.cuda.max_memory_allocated` over building the model and two steps"
+            if device.type == "cuda" else
+            "peak RSS minus the RSS before the model is built, in a fresh process per "
+            "contender with glibc's mmap threshold at 64 KiB (freed tensors leave the resident "
+            "set)") + "; it covers the weights, gradients, AdamW state and activations.")
+    lines += [
         "",
         markdown_table(headers, rows),
     ]
@@ -214,6 +267,8 @@ def render(args, device, batch, repeats, names, times, memory, trainable) -> str
             worst_m = max(peak[n] / peak["full"] for n in peft)
             lines.append(f"- Peak memory at most 0.5x full: worst {worst_m:.2f}x "
                          f"({'met' if worst_m <= 0.5 else 'NOT met'}).")
+    if REFERENCE not in times:
+        return "\n".join(lines)
     ratio = full_t / times[REFERENCE]
     lines.append(f"- Our full fine-tuning step vs the official code: {ratio:.2f}x the time "
                  f"({(1 - ratio) * 100:.0f}% faster; target at least 10%: "

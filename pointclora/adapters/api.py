@@ -275,8 +275,12 @@ def _device(model: nn.Module) -> torch.device:
 
 def regularization_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the adapters' weighted regularisers (SADE for CLoRA); a zero tensor otherwise."""
-    terms = [t for m in model.modules() if isinstance(m, LowRankLinear)
-             if (t := m.regularization()) is not None]
+    by_class: dict[type, list[LowRankLinear]] = {}
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            by_class.setdefault(type(m), []).append(m)
+    terms = [t for cls, modules in by_class.items()
+             if (t := cls.total_regularization(modules)) is not None]
     if not terms:
         return torch.zeros((), device=_device(model))
     return torch.stack(terms).sum()
