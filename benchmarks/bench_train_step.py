@@ -35,14 +35,15 @@ from common import (
     markdown_table,
     measure_in_child,
     report,
+    scanobjectnn_model,
     setup,
     sync,
+    synthetic_batch,
 )
 from reference_pointmae import ReferencePointMAE
 
 from pointclora.adapters import apply_adapter, parameter_report, regularization_loss
 from pointclora.adapters.base import LowRankLinear
-from pointclora.data import build_batch_transform, build_dataset
 from pointclora.engine.optim import build_optimizer
 from pointclora.models import PointMAE
 
@@ -51,24 +52,6 @@ METHODS = ("full", "linear", *PEFT)
 REFERENCE = "reference"  # the official code, full fine-tuning
 PATHS = (" (dense)", " (factored)")  # suffixes of the ablation contenders
 TRAIN = {"lr": 5e-4, "weight_decay": 0.05}
-
-
-def model_config(quick: bool) -> dict:
-    if quick:
-        return dict(cls_dim=15, num_group=32, group_size=16, depth=2)
-    return dict(cls_dim=15, num_group=128, group_size=32)  # full-size Point-MAE
-
-
-def make_batch(batch: int, npoints: int, device: torch.device, seed: int = 0):
-    """``batch`` synthetic clouds through the training transform (permutation + scale/shift)."""
-    data = {"name": "synthetic", "num_classes": 15, "npoints": npoints, "seed": seed,
-            "samples_per_class": -(-batch // 15)}
-    dataset = build_dataset(data, "train")
-    points = torch.stack([dataset[i][0] for i in range(batch)])
-    labels = torch.tensor([dataset[i][1] for i in range(batch)])
-    gen = torch.Generator().manual_seed(seed)
-    points = build_batch_transform(data, "train")(points, generator=gen)
-    return points.to(device), labels.to(device)
 
 
 def build(contender: str, state: dict, cfg: dict, device: torch.device) -> torch.nn.Module:
@@ -128,10 +111,10 @@ def child(argv: list[str]) -> None:
     contender, batch, device, threads, quick = json.loads(argv[0])
     torch.set_num_threads(threads)
     device = torch.device(device)
-    cfg = model_config(quick)
+    cfg = scanobjectnn_model(quick)
     torch.manual_seed(0)
     state = PointMAE(**cfg).state_dict()  # built before the measure: the weights count once
-    points, labels = make_batch(batch, 256 if quick else 2048, device)
+    points, labels = synthetic_batch(batch, 256 if quick else 2048, device)
     with PeakMemory(device) as mem:
         model = build(contender, state, cfg, device)
         del state
@@ -157,11 +140,11 @@ def main() -> None:
     device = setup(args)
     batch = args.batch or (2 if args.quick else 8 if device.type == "cpu" else 32)
     repeats = 1 if args.quick else args.repeats
-    cfg = model_config(args.quick)
+    cfg = scanobjectnn_model(args.quick)
 
     torch.manual_seed(0)
     state = PointMAE(**cfg).state_dict()
-    points, labels = make_batch(batch, 256 if args.quick else 2048, device)
+    points, labels = synthetic_batch(batch, 256 if args.quick else 2048, device)
     if args.profile is not None:
         profile(args, device, batch, state, cfg, points, labels)
         return

@@ -29,6 +29,33 @@ CHILD_FLAG = "--child"
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
+def scanobjectnn_model(quick: bool = False) -> dict:
+    """PointMAE keywords of the ScanObjectNN setting (full size), or a tiny smoke-run model."""
+    if quick:
+        return dict(cls_dim=15, num_group=32, group_size=16, depth=2)
+    return dict(cls_dim=15, num_group=128, group_size=32)
+
+
+def synthetic_data(clouds: int, npoints: int, seed: int = 0) -> dict:
+    """``data:`` config of at least ``clouds`` synthetic training clouds in 15 classes."""
+    return {"name": "synthetic", "num_classes": 15, "npoints": npoints, "seed": seed,
+            "samples_per_class": -(-clouds // 15)}
+
+
+def synthetic_batch(batch: int, npoints: int, device: torch.device, mode: str = "train",
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` synthetic clouds through the ``mode`` transform, and their labels."""
+    from pointclora.data import build_batch_transform, build_dataset
+
+    data = synthetic_data(batch, npoints, seed)
+    dataset = build_dataset(data, "train")
+    points = torch.stack([dataset[i][0] for i in range(batch)])
+    labels = torch.tensor([dataset[i][1] for i in range(batch)])
+    gen = torch.Generator().manual_seed(seed)
+    points = build_batch_transform(data, mode)(points, generator=gen)
+    return points.to(device), labels.to(device)
+
+
 def add_common_args(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     parser.add_argument("--threads", type=int, default=None,
