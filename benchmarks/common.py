@@ -172,23 +172,28 @@ class PeakMemory:
     CUDA: ``torch.cuda.max_memory_allocated`` (tensors the caching allocator handed out).
     CPU: peak RSS of this process minus its RSS on entry, the high-water mark being reset on
     entry; run it in a fresh process (:func:`measure_in_child`) so that memory freed earlier
-    but kept by the allocator does not hide part of the peak.
+    but kept by the allocator does not hide part of the peak. Both count from the memory in use
+    on entry; ``restart_peak()`` forgets the peak so far (e.g. transients of building a model)
+    but still counts what is in use then.
     """
 
     def __init__(self, device: torch.device):
         self.device, self.peak = device, 0
 
     def __enter__(self) -> PeakMemory:
+        self.start = self.restart_peak()
+        return self
+
+    def restart_peak(self) -> int:
+        """Restart the high-water mark at the memory now in use; returns that amount."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            if not reset_peak_rss():
-                raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): peak "
-                                   "memory on CPU needs Linux")
-            self.start = rss_bytes()
-        return self
+            return torch.cuda.memory_allocated(self.device)
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): peak memory "
+                               "on CPU needs Linux")
+        return rss_bytes()
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
