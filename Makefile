@@ -22,8 +22,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pointclora tools tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_ops.py
-	$(PY) benchmarks/bench_cache.py
+	for b in ops cache train_step inference pipeline demo; do \
+		$(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
