@@ -167,7 +167,47 @@ def main() -> None:
             print(f"  peak memory {name}: {memory[name]['peak'] / 2**20:.0f} MiB")
 
     text = render(args, device, batch, repeats, names, times, memory, trainable)
+    if args.ablation:
+        text += "\n\n" + layer_ablation(state, cfg, device, batch, 1 if args.quick else 20)
     report("train_step_ablation" if args.ablation else "train_step", text, args)
+
+
+def layer_ablation(state: dict, cfg: dict, device: torch.device, batch: int,
+                   repeats: int) -> str:
+    """Forward + backward of one adapted layer (block 0's qkv and proj) per training path.
+
+    A whole step hides a few milliseconds per layer in its noise; one layer at the step's
+    token count shows them. "frozen" is the wrapped ``nn.Linear`` alone (gradient to the input
+    only): the floor every path pays.
+    """
+    tokens = batch * (cfg["num_group"] + 1)
+    contenders, labels = {}, []
+    for method in PEFT:
+        models = {p: build(method + p, state, cfg, device) for p in ("", *PATHS)}
+        for layer in ("qkv", "proj"):
+            wrappers = {p: getattr(m.blocks.blocks[0].attn, layer) for p, m in models.items()}
+            if not isinstance(wrappers[""], LowRankLinear):  # not a target of this method
+                continue
+            base = wrappers[""].base_layer
+            x = torch.randn(tokens, base.in_features, device=device, requires_grad=True)
+            g = torch.randn(tokens, base.out_features, device=device)
+            for path, module in [(" frozen", base), *wrappers.items()]:
+                name = f"{method} {layer}{path or ' (ours)'}"
+                contenders[name] = (lambda m=module, x=x, g=g: m(x).backward(g))
+            labels.append((method, layer))
+    times = interleaved_min(contenders, repeats, device, log=None)
+    cols = [" frozen", " (ours)", *PATHS]
+    rows = [[method, layer, *(f"{times[f'{method} {layer}{c}'] * 1e3:.2f}" for c in cols)]
+            for method, layer in labels]
+    return "\n".join([
+        f"## One adapted layer: forward + backward at {tokens:,} tokens (ms, min of {repeats})",
+        "",
+        "\"frozen\": the frozen `nn.Linear` alone (gradient to its input only), the floor of "
+        "every path; \"ours\": `LowRankLinearFunction`.",
+        "",
+        markdown_table(["method", "layer", "frozen", "ours", "dense", "factored"], rows,
+                       align="llrrrr"),
+    ])
 
 
 def profile(args, device, batch, state, cfg, points, labels, top: int = 10) -> None:
@@ -231,11 +271,12 @@ def render(args, device, batch, repeats, names, times, memory, trainable) -> str
     ]
     if memory:
         lines.append("- Peak memory: " + (
-            "`torch.cuda.max_memory_allocated` over building the model and two steps"
+            "`torch.cuda.max_memory_allocated` over two steps"
             if device.type == "cuda" else
-            "peak RSS minus the RSS before the model is built, in a fresh process per "
-            "contender with glibc's mmap threshold at 64 KiB (freed tensors leave the resident "
-            "set)") + "; it covers the weights, gradients, AdamW state and activations.")
+            "peak RSS over two steps minus the RSS before the model was built, in a fresh "
+            "process per contender with glibc's mmap threshold at 64 KiB (freed tensors leave "
+            "the resident set)") + "; it covers the weights, gradients, AdamW state and "
+            "activations, not the copy made while loading the weights.")
     lines += [
         "",
         markdown_table(headers, rows),
