@@ -54,12 +54,10 @@ def trained_adapter(state: dict, cfg: dict, method: str, seed: int) -> torch.nn.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, repeats=10)
-    parser.add_argument("--batch", type=int, default=None,
-                        help="clouds per forward pass (default 8 on CPU, 32 on CUDA)")
     args = parser.parse_args()
     device = setup(args)
-    batch = args.batch or (2 if args.quick else 8 if device.type == "cpu" else 32)
-    repeats = 1 if args.quick else args.repeats
+    batch = args.batch
+    repeats = args.repeats
     cfg = scanobjectnn_model(args.quick)
 
     torch.manual_seed(0)

@@ -100,16 +100,14 @@ def _timed(it, timer: StageTimer | None):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, repeats=3)
-    parser.add_argument("--batch", type=int, default=None,
-                        help="clouds per batch (default 8 on CPU, 32 on CUDA)")
     parser.add_argument("--batches", type=int, default=10, help="timed batches per pass (10)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                         help="DataLoader num_workers settings to compare (0 2)")
     args = parser.parse_args()
     device = setup(args)
-    batch = args.batch or (2 if args.quick else 8 if device.type == "cpu" else 32)
+    batch = args.batch
     batches = 2 if args.quick else args.batches
-    repeats = 1 if args.quick else args.repeats
+    repeats = args.repeats
     npoints = 256 if args.quick else 2048
 
     data = synthetic_data((batches + 1) * batch, npoints)

@@ -127,8 +127,6 @@ def child(argv: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, repeats=5)
-    parser.add_argument("--batch", type=int, default=None,
-                        help="clouds per step (default 8 on CPU, the official 32 on CUDA)")
     parser.add_argument("--ablation", action="store_true",
                         help="time the adapters' three training paths side by side")
     parser.add_argument("--profile", nargs="*", metavar="METHOD",
@@ -137,8 +135,8 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     args = parser.parse_args()
     device = setup(args)
-    batch = args.batch or (2 if args.quick else 8 if device.type == "cpu" else 32)
-    repeats = 1 if args.quick else args.repeats
+    batch = args.batch
+    repeats = args.repeats
     cfg = scanobjectnn_model(args.quick)
 
     torch.manual_seed(0)
