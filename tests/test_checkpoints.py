@@ -20,6 +20,7 @@ from pointclora.models import (
     CheckpointNotFoundError,
     PointBERT,
     PointMAE,
+    UnsafeCheckpointError,
     build_model,
 )
 
@@ -259,15 +260,40 @@ def test_build_model_loads_pretrained(shared_docs, tmp_path):
     assert torch.equal(model.cls_token, state["transformer_q.cls_token"].expand(1, 1, 384))
 
 
-def test_pickled_python_objects_are_read_with_a_warning(shared_docs, tmp_path, caplog):
+class _Payload:
+    """Unpickling this runs ``os.system`` (a real code-execution pickle)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickled_python_objects_are_refused_unless_trusted(shared_docs, tmp_path, caplog):
     state = official_state(shared_docs, "mae_finetune", depth=2)
     path = tmp_path / "with_args.pth"
     torch.save({"base_model": state, "args": argparse.Namespace(config="x.yaml")}, path)
+    with pytest.raises(UnsafeCheckpointError, match="argparse.Namespace.*convert_checkpoint"):
+        model_with_seed(PointMAE, 0).load_pretrained(path)
     with caplog.at_level(logging.WARNING, logger="pointclora"):
-        report = model_with_seed(PointMAE, 0).load_pretrained(path)
+        report = model_with_seed(PointMAE, 0).load_pretrained(path, trust_pickle=True)
     assert report.head_loaded
-    assert any("argparse.Namespace" in r.getMessage() and "weights_only=False" in r.getMessage()
+    assert any("argparse.Namespace" in r.getMessage() and "trust_pickle=True" in r.getMessage()
                for r in caplog.records)
+
+
+def test_malicious_pickle_never_runs(shared_docs, tmp_path):
+    marker = tmp_path / "pwned"
+    state = official_state(shared_docs, "mae_finetune", depth=2)
+    path = tmp_path / "evil.pth"
+    torch.save({"base_model": state, "payload": _Payload(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system|nt.system"):
+        model_with_seed(PointMAE, 0).load_pretrained(path)
+    with pytest.raises(UnsafeCheckpointError):
+        build_model({"name": "point_mae", **SMALL, "pretrained": str(path)})
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------- errors

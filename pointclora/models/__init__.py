@@ -6,6 +6,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointNotFoundError,
     LoadReport,
+    UnsafeCheckpointError,
     read_state_dict,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "PointBERT",
     "PointMAE",
     "PointTransformer",
+    "UnsafeCheckpointError",
     "build_model",
     "read_state_dict",
 ]

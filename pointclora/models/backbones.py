@@ -49,6 +49,15 @@ class PointTransformer(nn.Module):
 
     family = ""  # "point_mae" | "point_bert": which official checkpoints fit
     head_last_linear = ""  # key of the head's last Linear (the one that depends on cls_dim)
+    # Read by pointclora.adapters (which knows no model names): where low-rank methods inject
+    # by default, which modules are the transformer blocks (prompt methods), and what stays
+    # trainable besides the adapters: the task head, and the learned tokens.
+    adapter_defaults = {
+        "target_modules": ["attn.qkv", "attn.proj"],
+        "blocks": r"blocks\.blocks\.\d+",
+        "head": [HEAD_PREFIX],
+        "tokens": ["cls_token", "cls_pos"],
+    }
 
     def __init__(self, cls_dim: int = 40, num_group: int = 64, group_size: int = 32,
                  trans_dim: int = 384, depth: int = 12, num_heads: int = 6,
@@ -125,7 +134,8 @@ class PointTransformer(nn.Module):
         """``points (B, N, 3)`` -> logits ``(B, cls_dim)``."""
         return self.forward_head(self.forward_features(points))
 
-    def load_pretrained(self, path: str | Path, strict: bool = True) -> LoadReport:
+    def load_pretrained(self, path: str | Path, strict: bool = True,
+                        trust_pickle: bool = False) -> LoadReport:
         """Load an official pre-trained or fine-tuned checkpoint and report what was loaded.
 
         Reads ``pretrain.pth`` (Point-MAE), ``Point-BERT.pth`` and the official fine-tuned
@@ -135,8 +145,9 @@ class PointTransformer(nn.Module):
         raises :class:`~pointclora.models.CheckpointError`; ``strict=False`` only lets missing
         and unexpected keys through (reported), never shape mismatches or the wrong backbone.
         Load before injecting adapters: the file matches the plain backbone's keys.
+        A file that pickles more than tensors is refused unless ``trust_pickle=True``.
         """
-        return load_into(self, path, strict=strict)
+        return load_into(self, path, strict=strict, trust_pickle=trust_pickle)
 
 
 class PointMAE(PointTransformer):

@@ -9,10 +9,12 @@ from .backbones import PointBERT, PointMAE, PointTransformer
 BACKBONES: dict[str, type[PointTransformer]] = {"point_mae": PointMAE, "point_bert": PointBERT}
 
 
-def build_model(cfg_model: Mapping) -> PointTransformer:
+def build_model(cfg_model: Mapping, trust_pickle: bool = False) -> PointTransformer:
     """``{name: point_mae|point_bert, <constructor keywords>, pretrained: path|null}``.
 
     A ``pretrained`` path is loaded with :meth:`PointTransformer.load_pretrained` (strict).
+    ``trust_pickle`` is an argument of the call, never a config key: a stored config must not
+    be able to turn on unpickling of arbitrary objects.
     """
     cfg = dict(cfg_model)
     name = cfg.pop("name", None)
@@ -27,5 +29,5 @@ def build_model(cfg_model: Mapping) -> PointTransformer:
                          f"{['name', *valid, 'pretrained']}")
     model = cls(**cfg)
     if pretrained:
-        model.load_pretrained(pretrained)
+        model.load_pretrained(pretrained, trust_pickle=trust_pickle)
     return model

@@ -40,6 +40,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint path does not exist (also a ``FileNotFoundError``)."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that can only be read by unpickling arbitrary objects, refused by default."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """One official way of storing the backbone inside a checkpoint's state dict."""
@@ -118,13 +122,14 @@ def _quote(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The flat state dict held by a checkpoint file, on the CPU, wrapper prefixes removed.
 
     Accepts the official container (a dict with ``base_model``), a dict with ``model``, or a
     bare state dict. Files are read with ``weights_only=True``; a file that also pickles other
-    Python objects (a config object, say) is read in full after a warning, as the official
-    code did, so only load files you trust.
+    Python objects (a config object, say) raises :class:`UnsafeCheckpointError` unless
+    ``trust_pickle=True`` is passed for this call (the official code read such files in full,
+    which runs any code they hold).
     """
     path = Path(path)
     if not path.is_file():
@@ -133,7 +138,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (an interrupted download or copy?)")
-    obj = _torch_load(path)
+    obj = _torch_load(path, trust_pickle)
     state = obj
     if isinstance(obj, Mapping):
         state = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), obj)
@@ -159,16 +164,30 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path, trust_pickle: bool = False):
+    """``torch.load`` that never runs code from the file unless the caller asks for it.
+
+    A pickle can call any importable function while it is read (``subprocess``, ``os.system``),
+    so a weights file is only unpickled in full when ``trust_pickle=True`` was passed for this
+    call; never from a stored config.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):
+        found = ", ".join(re.findall(r"GLOBAL (\S+)", str(err)))
+        if not found:  # not a refused global: a corrupt file
             raise _unreadable(path, err) from err
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to unpickle it: besides tensors it pickles Python objects "
+                f"({found}), and unpickling runs whatever code the file names. If you trust "
+                "where the file comes from, convert it once to a weights-only file with "
+                f"`python tools/convert_checkpoint.py {path} OUT.safetensors --trust-pickle` "
+                "(or pass --trust-pickle / trust_pickle=True for this one load)."
+            ) from err
         logger.warning(
-            "%s pickles Python objects besides tensors (%s); reading it with weights_only=False. "
-            "Only load checkpoint files you trust.",
-            path, ", ".join(re.findall(r"GLOBAL (\S+)", str(err))) or "unknown")
+            "%s pickles Python objects besides tensors (%s); unpickling it in full because "
+            "trust_pickle=True was passed: this runs any code the file contains.", path, found)
     except Exception as err:  # corrupt files raise many types (EOFError, RuntimeError, ...)
         raise _unreadable(path, err) from err
     try:
@@ -215,9 +234,10 @@ def _implied_config(state: Mapping[str, torch.Tensor], head_last: str) -> dict[s
     return implied
 
 
-def load_into(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+def load_into(model: nn.Module, path: str | Path, strict: bool = True,
+              trust_pickle: bool = False) -> LoadReport:
     """Load a checkpoint file into a backbone; see :class:`LoadReport` and docs/models.md."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, trust_pickle)
     layout, family = detect_layout(state)
     own = model.state_dict()
     prefix = layout.prefix
