@@ -24,6 +24,7 @@ setup(
         "torch>=2.1",
         "torchvision",  # timm imports it
         "timm>=0.9",
+        "safetensors",  # timm weight files (timm needs it too)
         "fvcore>=0.1.5",
         "h5py>=3.0",
         "numpy>=1.22",

@@ -1,0 +1,165 @@
+"""timm ViT backbones: weight files in Google's npz layout and timm's, adapters on stock timm.
+
+The npz files are written from a timm model in the key layout of Google's original release
+(``Transformer/encoderblock_i/MultiHeadDotProductAttention_1/query/kernel`` ...) by a
+mapping written out here, and timm's own npz reader (``_load_weights``) is the independent
+reference our converter must agree with.
+"""
+import numpy as np
+import pytest
+import torch
+
+from pointclora.models.checkpoint import CheckpointError, CheckpointNotFoundError
+from pointclora.models.vit import GOOGLE_MEAN, build_vit, load_vit_weights
+
+TINY = dict(arch="vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=0.0)
+
+
+def tiny(cls_dim=5, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = build_vit(cls_dim=cls_dim, **{**TINY, **kw})
+    with torch.no_grad():  # no zero biases or unit norms: every tensor must move
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+def google_npz(model, path, head_classes=21843, pre_logits=True):
+    """``model`` written in the original ViT-B_16.npz key layout (Flax kernels (in, out))."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    D = sd["cls_token"].shape[-1]
+    H = model.blocks[0].attn.num_heads
+    w = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+         "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+         "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+         "Transformer/encoder_norm/scale": sd["norm.weight"],
+         "Transformer/encoder_norm/bias": sd["norm.bias"]}
+    for i in range(len(model.blocks)):
+        g, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        for ln, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[g + ln + "/scale"] = sd[b + name + ".weight"]
+            w[g + ln + "/bias"] = sd[b + name + ".bias"]
+        qkv_w, qkv_b = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
+        for j, n in enumerate(("query", "key", "value")):
+            w[f"{g}MultiHeadDotProductAttention_1/{n}/kernel"] = \
+                qkv_w[j * D:(j + 1) * D].T.reshape(D, H, D // H)
+            w[f"{g}MultiHeadDotProductAttention_1/{n}/bias"] = \
+                qkv_b[j * D:(j + 1) * D].reshape(H, D // H)
+        w[f"{g}MultiHeadDotProductAttention_1/out/kernel"] = \
+            sd[b + "attn.proj.weight"].T.reshape(H, D // H, D)
+        w[f"{g}MultiHeadDotProductAttention_1/out/bias"] = sd[b + "attn.proj.bias"]
+        for j in (0, 1):
+            w[f"{g}MlpBlock_3/Dense_{j}/kernel"] = sd[f"{b}mlp.fc{j + 1}.weight"].T
+            w[f"{g}MlpBlock_3/Dense_{j}/bias"] = sd[f"{b}mlp.fc{j + 1}.bias"]
+    rng = np.random.default_rng(0)
+    if pre_logits:
+        w["pre_logits/kernel"] = rng.normal(size=(D, D)).astype(np.float32)
+        w["pre_logits/bias"] = np.zeros(D, np.float32)
+    if head_classes:
+        w["head/kernel"] = rng.normal(size=(D, head_classes)).astype(np.float32)
+        w["head/bias"] = rng.normal(size=head_classes).astype(np.float32)
+    np.savez(path, **w)
+    return path
+
+
+def test_vit_b16_backbone_has_the_published_parameter_count():
+    model = build_vit(cls_dim=0)  # vit_base_patch16_224, no head, built without a download
+    assert sum(p.numel() for p in model.parameters()) == 85_798_656
+
+
+def test_google_npz_loads_as_timm_reads_it(tmp_path):
+    source = tiny()
+    path = google_npz(source, tmp_path / "ViT-B_16.npz", head_classes=11)
+    ours = tiny(seed=1)
+    report = load_vit_weights(ours, path)
+    reference = tiny(seed=1)
+    from timm.models.vision_transformer import _load_weights
+
+    _load_weights(reference, str(path))
+    ref_sd, our_sd, src_sd = reference.state_dict(), ours.state_dict(), source.state_dict()
+    for key in our_sd:
+        torch.testing.assert_close(our_sd[key], ref_sd[key], rtol=0, atol=0, msg=key)
+        if not key.startswith("head."):  # the 11-class head of the file is not the model's
+            torch.testing.assert_close(our_sd[key], src_sd[key], rtol=0, atol=0, msg=key)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours.forward_features(x), source.forward_features(x))
+    assert report.head_loaded is False
+    assert sorted(report.expected_missing) == ["head.bias", "head.weight"]
+    assert not report.missing and not report.unexpected
+    assert {"pre_logits/kernel", "pre_logits/bias", "head.weight"} <= set(report.ignored)
+    assert len(report.loaded) == len(our_sd) - 2
+    assert tuple(ours.pretrained_cfg["mean"]) == GOOGLE_MEAN == (0.5, 0.5, 0.5)
+    assert "mean = std = 0.5" in str(report)
+
+
+def test_npz_head_of_the_model_size_is_loaded(tmp_path):
+    source = tiny()
+    path = google_npz(source, tmp_path / "ft.npz", head_classes=0, pre_logits=False)
+    w = dict(np.load(path))
+    w["head/kernel"] = source.head.weight.detach().numpy().T
+    w["head/bias"] = source.head.bias.detach().numpy()
+    np.savez(path, **w)
+    model = tiny(seed=1)
+    report = load_vit_weights(model, path)
+    assert report.head_loaded and not report.expected_missing and not report.ignored
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), source(x))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_state_dict_files(tmp_path, suffix):
+    source = tiny()
+    path = tmp_path / f"vit{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": source.state_dict(), "epoch": 3}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    model = build_vit(cls_dim=5, pretrained=path, **TINY)
+    report = model.pointclora_load_report
+    assert report.head_loaded and len(report.loaded) == len(source.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), source(x))
+
+
+def test_wrong_files_are_refused(tmp_path):
+    model = tiny()
+    with pytest.raises(CheckpointNotFoundError, match="ViT-B_16.npz"):
+        load_vit_weights(model, tmp_path / "absent.npz")
+    mae = tmp_path / "pretrain.pth"
+    torch.save({"base_model": {"MAE_encoder.blocks.blocks.0.attn.qkv.weight":
+                               torch.zeros(1152, 384)}}, mae)
+    with pytest.raises(CheckpointError, match="point-cloud backbone"):
+        load_vit_weights(model, mae)
+    other = tmp_path / "other.npz"
+    np.savez(other, weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a Google ViT npz"):
+        load_vit_weights(model, other)
+    small = google_npz(tiny(embed_dim=96, num_heads=3), tmp_path / "small.npz")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_vit_weights(model, small)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(CheckpointError, match="broken.npz"):
+        load_vit_weights(model, broken)
+
+
+def test_missing_keys_are_loud(tmp_path):
+    source = tiny()
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.1.mlp")}
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="missing 4 key"):
+        load_vit_weights(tiny(seed=1), path)
+    report = load_vit_weights(tiny(seed=1), path, strict=False)
+    assert sorted(report.missing) == sorted(k for k in source.state_dict()
+                                            if k.startswith("blocks.1.mlp"))
+    assert "MISSING" in str(report)
+
+
+def test_pos_embed_is_resampled_to_the_model_grid(tmp_path):
+    path = google_npz(tiny(), tmp_path / "v.npz")
+    model = tiny(img_size=48)
+    report = load_vit_weights(model, path)
+    assert model.pos_embed.shape == (1, 1 + 9, 192) and not report.missing
