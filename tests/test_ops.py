@@ -1,5 +1,7 @@
 """pointclora.ops against independent references: a literal loop of the pointnet2_ops FPS
 kernel, brute-force kNN with a stable sort, and explicit gathers."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -261,45 +263,71 @@ def test_backend_env_vars(monkeypatch):
         ops.backend_info()
 
 
-def test_pointnet2_dispatch(monkeypatch):
-    """pointnet2_ops serves FPS on CUDA tensors unless switched off (no GPU needed: the
-    dispatcher only looks at the device type)."""
+def test_pointnet2_only_on_request(monkeypatch):
+    """``auto`` never picks pointnet2_ops (thread-order ties, no device guard); by name it
+    serves FPS on CUDA tensors, called under the tensor's device. No GPU needed: the
+    dispatcher only looks at the device type."""
+    seen = []
+
     def fake(xyz, npoint):
+        seen.append(("call", xyz.device))
         return torch.zeros(xyz.shape[0], npoint, dtype=torch.int32)
 
-    monkeypatch.setattr(backends, "_pointnet2", (fake, "pointnet2_ops found"))
+    @contextlib.contextmanager
+    def device_guard(device):
+        seen.append(("guard", device))
+        yield
+
+    monkeypatch.setattr(backends, "_pointnet2", (fake, "pointnet2_ops importable"))
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    name, fn = backends.fps(cuda)
-    assert name == "pointnet2" and fn(torch.zeros(2, 5, 3), 3).dtype == torch.long
-    assert backends.fps(cpu)[0] != "pointnet2"
-    assert backends.fps(cuda, "torch")[0] == "torch"
-    monkeypatch.setenv("POINTCLORA_USE_POINTNET2", "0")
-    assert backends.fps(cuda)[0] != "pointnet2"
-    assert "disabled" in backends.pointnet2()[1]
-    assert backends.fps(cuda, "pointnet2")[0] == "pointnet2"  # explicit request wins
+    assert backends.fps(cuda)[0] != "pointnet2" and backends.fps(cpu)[0] != "pointnet2"
+    name, fn = backends.fps(cuda, "pointnet2")
+    xyz = torch.zeros(2, 5, 3)
+    assert name == "pointnet2" and fn(xyz, 3).dtype == torch.long
+    assert seen == [("guard", xyz.device), ("call", xyz.device)]  # launched inside the guard
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        backends.fps(cpu, "pointnet2")
+    # From the environment, "pointnet2" applies to FPS; kNN then uses auto.
+    monkeypatch.setenv("POINTCLORA_OPS_BACKEND", "pointnet2")
+    assert backends.fps(cuda)[0] == "pointnet2" and backends.knn(cpu, 3)[0] != "pointnet2"
     monkeypatch.setattr(backends, "_pointnet2", (None, "pointnet2_ops not importable"))
     with pytest.raises(RuntimeError, match="not importable"):
         backends.fps(cuda, "pointnet2")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["random", "ties", "near_origin"])
-def test_cuda_matches_cpu(kind):
-    rng = np.random.default_rng(5)
-    for n, npoint, k in [(2048, 128, 32), (8192, 512, 32), (9000, 64, 100), (300, 300, 200)]:
-        xyz = torch.from_numpy(np.stack([clouds(rng, n)[kind] for _ in range(4)]))
-        want = ops.furthest_point_sample(xyz, npoint)
-        got = ops.furthest_point_sample(xyz.cuda(), npoint, backend="kernels")
-        assert torch.equal(got.cpu(), want)
-        centers = ops.gather_points(xyz, want)
-        gpu_d, gpu_i = ops.knn(xyz.cuda(), centers.cuda(), k)
-        cpu_d, cpu_i = ops.knn(xyz, centers, k)
-        assert torch.equal(gpu_i.cpu(), cpu_i) and torch.equal(gpu_d.cpu(), cpu_d)
-        if backends.pointnet2()[0] is not None and kind != "ties":
-            # pointnet2_ops breaks exact ties by thread, not index; without ties it agrees.
-            p2 = ops.furthest_point_sample(xyz.cuda(), npoint, backend="pointnet2").cpu()
-            assert torch.equal(p2, want)
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_knn_serves_more_than_65535_clouds(backend):
+    """Per-patch kNN over B x G flattened clouds: a batch beyond the CUDA grid's y limit."""
+    rng = np.random.default_rng(6)
+    ref = rng.integers(-2, 3, size=(70_000, 6, 3)).astype(np.float32)  # tie-heavy
+    query = ref[:, :2] + np.float32(0.25)
+    dist, idx = ops.knn(torch.from_numpy(ref), torch.from_numpy(query), 3, backend=backend)
+    d = ((ref[:, None] - query[:, :, None]) ** 2).astype(np.float32)
+    d = (d[..., 0] + d[..., 1]) + d[..., 2]
+    want = np.argsort(d, axis=-1, kind="stable")[..., :3]
+    np.testing.assert_array_equal(idx.numpy(), want)
+    np.testing.assert_array_equal(dist.numpy(), np.take_along_axis(d, want, -1))
+
+
+def group(xyz: torch.Tensor, num_group: int, group_size: int):
+    """The Point-MAE grouping: FPS centers, their kNN patches, centred."""
+    center = ops.gather_points(xyz, ops.furthest_point_sample(xyz, num_group))
+    _, idx = ops.knn(xyz, center, group_size)
+    return ops.gather_points(xyz, idx) - center.unsqueeze(2), center
+
+
+def test_torch_compile_traces_the_grouping():
+    """FPS and kNN are custom operators with fake implementations: the grouping compiles as
+    one graph (no break at the ops) and gives the eager result."""
+    torch._dynamo.reset()
+    xyz = torch.from_numpy(clouds(np.random.default_rng(7), 256)["ties"])[None].repeat(2, 1, 1)
+    xyz[1] += 0.5
+    compiled = torch.compile(group, fullgraph=True)
+    for got, want in zip(compiled(xyz, 24, 8), group(xyz, 24, 8), strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="NaN or inf"):  # checks still run inside the ops
+        compiled(torch.full_like(xyz, float("nan")), 24, 8)
 
 
 def test_torch_impl_knn_chunks_agree(monkeypatch):

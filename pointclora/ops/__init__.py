@@ -1,7 +1,8 @@
 """Grouping primitives: farthest point sampling, k nearest neighbours, gathering.
 
-Backends (see docs/ops.md): pointnet2_ops for FPS on CUDA when importable, our C++/CUDA
-kernels compiled on first use, and a pure-torch fallback; all return the same indices.
+Backends (see docs/ops.md): our C++/CUDA kernels compiled on first use, a pure-torch
+fallback (both return the same indices) and, on request, pointnet2_ops for FPS. FPS and
+kNN are torch custom operators, so ``torch.compile`` traces them.
 """
 from .backends import backend_info
 from .functional import furthest_point_sample, gather_points, knn

@@ -1,9 +1,11 @@
 """Which implementation serves FPS and kNN on each device, and why.
 
-``auto`` picks, per call: pointnet2_ops for FPS on CUDA tensors when it is importable and
-``POINTCLORA_USE_POINTNET2`` is not ``0``; else our compiled kernels (C++ on CPU, CUDA on
-GPUs; compiled on first use, see :mod:`pointclora.ops.build`); else the pure-torch code.
-``POINTCLORA_OPS_BACKEND`` changes the default of the ``backend=`` argument.
+``auto`` picks, per call, our compiled kernels (C++ on CPU, CUDA on GPUs; compiled on first
+use, see :mod:`pointclora.ops.build`), else the pure-torch code. pointnet2_ops serves FPS
+only when asked for by name (``backend="pointnet2"``): it breaks ties by CUDA thread rather
+than by index, is often built without the user's GPU architecture and exits the process
+on a launch error. ``POINTCLORA_OPS_BACKEND`` changes the default of the ``backend=``
+argument.
 """
 from __future__ import annotations
 
@@ -29,14 +31,10 @@ def default_backend() -> str:
     return backend
 
 
-def pointnet2_enabled() -> bool:
-    return os.environ.get("POINTCLORA_USE_POINTNET2", "1").strip().lower() not in (
-        "0", "false", "no", "off")
-
-
 def kernels(device_type: str) -> tuple[object | None, str]:
     """``(torch.ops namespace or None, reason)`` for our kernels on ``device_type``; the first
-    call compiles or loads them. A failed build warns once and is not retried."""
+    call compiles or loads them. A failed build warns once per process and is recorded in
+    the build cache, so other processes do not compile it again (see build.build)."""
     if device_type not in build.KINDS:
         return None, f"no compiled kernels for {device_type!r} devices"
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -54,7 +52,7 @@ def kernels(device_type: str) -> tuple[object | None, str]:
                     reason = f"cuda kernels compiled for arch {build.visible_cuda_arch()}, {where}"
                 _kernels[device_type] = (ops, reason)
             except Exception as err:  # compiler, ninja, headers, loader: all fall back
-                first = (str(err).strip().splitlines() or [""])[0][:300]
+                first = (str(err).strip().splitlines() or [""])[0][:600]
                 reason = (f"{device_type} kernels unavailable ({type(err).__name__}: {first}); "
                           "using the pure-torch fallback")
                 warnings.warn(f"pointclora.ops: {reason}", RuntimeWarning, stacklevel=3)
@@ -62,25 +60,20 @@ def kernels(device_type: str) -> tuple[object | None, str]:
         return _kernels[device_type]
 
 
-def _import_pointnet2() -> tuple[Callable | None, str]:
+def pointnet2() -> tuple[Callable | None, str]:
+    """``(pointnet2_ops furthest_point_sample or None, reason)``."""
     global _pointnet2
     if _pointnet2 is None:
         try:
             from pointnet2_ops.pointnet2_utils import furthest_point_sample as fps
-            _pointnet2 = (fps, "pointnet2_ops found")
+            _pointnet2 = (fps, "pointnet2_ops importable (used only with backend='pointnet2')")
         except Exception as err:  # absent, or built against another torch/CUDA
             _pointnet2 = (None, f"pointnet2_ops not importable ({type(err).__name__}: {err})")
     return _pointnet2
 
 
-def pointnet2() -> tuple[Callable | None, str]:
-    """``(pointnet2_ops furthest_point_sample or None, reason)`` as ``auto`` sees it."""
-    if not pointnet2_enabled():
-        return None, "pointnet2_ops disabled by POINTCLORA_USE_POINTNET2=0"
-    return _import_pointnet2()
-
-
-def _check_backend(backend: str | None) -> str:
+def resolve(backend: str | None) -> str:
+    """``backend``, or the default from the environment when None; validated."""
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -89,15 +82,20 @@ def _check_backend(backend: str | None) -> str:
 
 def fps(device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
     """``(name, fn(xyz, npoint) -> LongTensor)`` serving FPS for tensors on ``device``."""
-    backend = _check_backend(backend)
-    if device.type == "cuda" and backend in ("auto", "pointnet2"):
-        fn, reason = pointnet2() if backend == "auto" else _import_pointnet2()
-        if fn is None and backend == "pointnet2":
+    backend = resolve(backend)
+    if backend == "pointnet2":
+        if device.type != "cuda":
+            raise ValueError(f"backend='pointnet2' needs CUDA tensors, got device {device}")
+        fn, reason = pointnet2()
+        if fn is None:
             raise RuntimeError(f"backend='pointnet2' requested but {reason}")
-        if fn is not None:
-            return "pointnet2", lambda xyz, npoint: fn(xyz, npoint).long()
-    elif backend == "pointnet2":
-        raise ValueError(f"backend='pointnet2' needs CUDA tensors, got device {device}")
+
+        def pointnet2_fps(xyz: torch.Tensor, npoint: int) -> torch.Tensor:
+            # pointnet2_ops launches on the current device: make it the tensor's.
+            with torch.cuda.device(xyz.device):
+                return fn(xyz, npoint).long()
+
+        return "pointnet2", pointnet2_fps
     ops = _kernel_ops(device, backend)
     if ops is not None:
         return "kernels", ops.furthest_point_sample
@@ -105,13 +103,15 @@ def fps(device: torch.device, backend: str | None = None) -> tuple[str, Callable
 
 
 def knn(device: torch.device, k: int, backend: str | None = None) -> tuple[str, Callable]:
-    """``(name, fn(ref, query, k) -> (dist, idx))`` serving kNN for tensors on ``device``."""
-    backend = _check_backend(backend)
+    """``(name, fn(ref, query, k) -> (dist, idx))`` serving kNN for tensors on ``device``.
+    ``"pointnet2"`` (which has no kNN) means ``"auto"`` here; :func:`pointclora.ops.knn`
+    rejects it when passed explicitly."""
+    backend = resolve(backend)
     if backend == "pointnet2":
-        raise ValueError("backend='pointnet2' serves furthest_point_sample only, not knn")
+        backend = "auto"
     ops = _kernel_ops(device, backend)
     if ops is not None and (device.type == "cpu" or k <= ops.knn_max_k()):
-        return "kernels", lambda ref, query, k: tuple(ops.knn(ref, query, k))
+        return "kernels", ops.knn
     if ops is not None and backend == "kernels":
         raise ValueError(f"backend='kernels' on CUDA serves k <= {ops.knn_max_k()}, got k={k}")
     return "torch", torch_impl.knn
@@ -146,17 +146,15 @@ def backend_info() -> dict:
                             "reason": "no CUDA device visible (torch.cuda.is_available() is False)"}
             continue
         device = torch.device(device_type)
-        fps_name, _ = fps(device, backend)
-        knn_name, _ = knn(device, 1, backend)
-        reasons = []
+        fps_backend = "auto" if backend == "pointnet2" and device_type == "cpu" else backend
+        fps_name, _ = fps(device, fps_backend)
+        knn_name, _ = knn(device, 1)
         if backend == "torch":
-            reasons.append("POINTCLORA_OPS_BACKEND=torch selects the pure-torch implementation")
+            reason = "POINTCLORA_OPS_BACKEND=torch selects the pure-torch implementation"
         else:
-            if device_type == "cuda":
-                reasons.append(pointnet2()[1])
-            reasons.append(kernels(device_type)[1])
+            reason = kernels(device_type)[1]
         info[device_type] = {"furthest_point_sample": fps_name, "knn": knn_name,
-                             "reason": "; ".join(reasons)}
+                             "reason": reason}
     info["pointnet2_ops"] = pointnet2()[1]
     info["default_backend"] = backend
     info["cache_dir"] = str(build.cache_root())

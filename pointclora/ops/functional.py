@@ -1,4 +1,9 @@
-"""Public grouping primitives: input checks, float32 conversion, backend dispatch."""
+"""Public grouping primitives: input checks, float32 conversion, backend dispatch.
+
+FPS and kNN are registered as torch custom operators (``torch.ops.pointclora.*``) with fake
+implementations, so ``torch.compile`` traces through them (``fullgraph=True`` works): the
+backend is chosen, and coordinates are checked for NaN/inf, when the operator runs.
+"""
 from __future__ import annotations
 
 import numbers
@@ -16,13 +21,15 @@ def _cloud(name: str, t, what: str = "(B, N, 3)") -> torch.Tensor:
         raise ValueError(f"{name} must have shape {what}, got {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    t = t.detach().to(torch.float32).contiguous()
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
     finite = torch.isfinite(t).all(dim=-1)
     if not bool(finite.all()):
         b, i = (int(v) for v in (~finite).nonzero()[0])
         raise ValueError(f"{name} of shape {tuple(t.shape)} has NaN or inf coordinates "
                          f"(first at batch {b}, point {i}); drop or repair those points first")
-    return t
 
 
 def _count(name: str, value, limit: int, limit_name: str, shape: tuple) -> int:
@@ -35,6 +42,40 @@ def _count(name: str, value, limit: int, limit_name: str, shape: tuple) -> int:
         raise ValueError(f"{name}={value} exceeds the {limit} points of {limit_name} "
                          f"(shape {shape}); use {name} <= {limit}")
     return value
+
+
+@torch.library.custom_op("pointclora::furthest_point_sample", mutates_args=())
+def _fps_op(xyz: torch.Tensor, npoint: int, backend: str) -> torch.Tensor:
+    _check_finite("xyz", xyz)
+    if xyz.shape[0] == 0:
+        return torch.empty(0, npoint, dtype=torch.long, device=xyz.device)
+    _, fn = backends.fps(xyz.device, backend)
+    return fn(xyz, npoint)
+
+
+@_fps_op.register_fake
+def _(xyz: torch.Tensor, npoint: int, backend: str) -> torch.Tensor:
+    return xyz.new_empty(xyz.shape[0], npoint, dtype=torch.long)
+
+
+@torch.library.custom_op("pointclora::knn", mutates_args=())
+def _knn_op(ref: torch.Tensor, query: torch.Tensor, k: int,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_finite("ref", ref)
+    _check_finite("query", query)
+    b, m = query.shape[:2]
+    if b == 0 or m == 0:
+        return (query.new_empty(b, m, k),
+                torch.empty(b, m, k, dtype=torch.long, device=query.device))
+    _, fn = backends.knn(ref.device, k, backend)
+    return tuple(fn(ref, query, k))
+
+
+@_knn_op.register_fake
+def _(ref: torch.Tensor, query: torch.Tensor, k: int,
+      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    b, m = query.shape[:2]
+    return query.new_empty(b, m, k), query.new_empty(b, m, k, dtype=torch.long)
 
 
 def furthest_point_sample(xyz: torch.Tensor, npoint: int, *,
@@ -50,18 +91,16 @@ def furthest_point_sample(xyz: torch.Tensor, npoint: int, *,
     Args:
         xyz: (B, N, 3) floating-point coordinates, finite.
         npoint: number of picks, 1 <= npoint <= N.
-        backend: "auto" (default, or ``$POINTCLORA_OPS_BACKEND``), "pointnet2", "kernels"
-            (our compiled kernels; turns pointnet2_ops off for this call) or "torch".
+        backend: "auto" (default, or ``$POINTCLORA_OPS_BACKEND``: our compiled kernels,
+            else pure torch), "kernels" (raise if they cannot be built), "torch" or
+            "pointnet2" (pointnet2_ops, CUDA only).
 
     Returns:
         LongTensor (B, npoint) of indices into N.
     """
     xyz = _cloud("xyz", xyz)
     npoint = _count("npoint", npoint, xyz.shape[1], "xyz", tuple(xyz.shape))
-    if xyz.shape[0] == 0:
-        return torch.empty(0, npoint, dtype=torch.long, device=xyz.device)
-    _, fn = backends.fps(xyz.device, backend)
-    return fn(xyz, npoint)
+    return _fps_op(xyz, npoint, backends.resolve(backend))
 
 
 def knn(ref: torch.Tensor, query: torch.Tensor, k: int, *,
@@ -87,12 +126,9 @@ def knn(ref: torch.Tensor, query: torch.Tensor, k: int, *,
         raise ValueError(f"ref {tuple(ref.shape)} and query {tuple(query.shape)} have "
                          "different batch sizes")
     k = _count("k", k, ref.shape[1], "ref", tuple(ref.shape))
-    b, m = query.shape[:2]
-    if b == 0 or m == 0:
-        return query.new_empty(b, m, k), torch.empty(b, m, k, dtype=torch.long,
-                                                     device=query.device)
-    _, fn = backends.knn(ref.device, k, backend)
-    return fn(ref, query, k)
+    if backend == "pointnet2":  # explicit only: from the environment it means "auto" here
+        raise ValueError("backend='pointnet2' serves furthest_point_sample only, not knn")
+    return _knn_op(ref, query, k, backends.resolve(backend))
 
 
 def gather_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -118,7 +154,7 @@ def gather_points(points: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
                          f"points {tuple(points.shape)}")
     if idx.device != points.device:
         raise ValueError(f"idx is on {idx.device} but points are on {points.device}")
-    if idx.numel():
+    if idx.numel() and not torch.compiler.is_compiling():  # compiled: torch.gather checks
         low, high = (int(v) for v in torch.aminmax(idx))
         if low < 0 or high >= n:
             raise ValueError(f"idx values must lie in [0, {n}) for points {tuple(points.shape)}, "

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -240,7 +241,8 @@ void knn_query(const float* x, const float* y, const float* z, int64_t n, const 
   }
 }
 
-std::vector<at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query,
+                                       int64_t k) {
   for (const at::Tensor* t : {&ref, &query}) {
     TORCH_CHECK(t->dim() == 3 && t->size(2) == 3 && t->scalar_type() == at::kFloat &&
                     t->is_contiguous() && t->device().is_cpu(),
@@ -277,7 +279,14 @@ std::vector<at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query, int6
 
 }  // namespace
 
+// Registered for the CPU dispatch key only: a tensor on another device gets the
+// dispatcher's clear error instead of a bad pointer.
 TORCH_LIBRARY(pointclora_cpu, lib) {
-  lib.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor", &furthest_point_sample);
-  lib.def("knn(Tensor ref, Tensor query, int k) -> Tensor[]", &knn);
+  lib.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor");
+  lib.def("knn(Tensor ref, Tensor query, int k) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pointclora_cpu, CPU, lib) {
+  lib.impl("furthest_point_sample", &furthest_point_sample);
+  lib.impl("knn", &knn);
 }

@@ -3,6 +3,9 @@
 // Same semantics and arithmetic as csrc/cpu/ops_cpu.cpp: squared distances are
 // ((dx*dx + dy*dy) + dz*dz) in float32 and the build passes --fmad=false, so indices are
 // bit-identical to the CPU kernels; ties go to the lower index everywhere.
+//
+// The batch is folded into the grid's x dimension (at most 2^31 - 1 blocks per launch, and
+// the launchers split larger batches), so any number of clouds can be served.
 #include <climits>
 
 #include "kernels.h"
@@ -11,12 +14,17 @@ namespace pointclora {
 namespace {
 
 constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMaxGridX = INT_MAX;
 constexpr int kFpsThreads = 512;
 constexpr int kFpsMaxPointsPerThread = 16;  // clouds up to 8192 points stay in registers
 constexpr float kFpsInit = 1e10f;            // pointnet2_ops' initial running distance
 constexpr double kOriginEps = 1e-3;          // compared in double, as in pointnet2_ops
-constexpr int kKnnThreads = 128;
-constexpr int kKnnTile = 512;
+constexpr int kKnnThreads = 128;             // thread-per-query: queries per block
+constexpr int kKnnTile = 512;                // reference points staged in shared memory
+constexpr int kKnnWarps = 4;                 // warp-per-query: queries per block
+constexpr int kKnnWarpMinPoints = kWarp;     // fewer points would leave lanes idle
+constexpr int64_t kKnnWarpQueriesPerSM = 512;
 
 __device__ __forceinline__ float sqdist(float x, float y, float z, float cx, float cy,
                                         float cz) {
@@ -42,8 +50,8 @@ __device__ int block_argmax(float best, int arg) {
   __shared__ int warp_arg[kFpsThreads / kWarp];
   __shared__ int winner;
   for (int off = kWarp / 2; off > 0; off >>= 1) {
-    offer(best, arg, __shfl_down_sync(0xffffffffu, best, off),
-          __shfl_down_sync(0xffffffffu, arg, off));
+    offer(best, arg, __shfl_down_sync(kFullMask, best, off),
+          __shfl_down_sync(kFullMask, arg, off));
   }
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (lane == 0) {
@@ -56,8 +64,8 @@ __device__ int block_argmax(float best, int arg) {
     best = live ? warp_best[lane] : -2.f;
     arg = live ? warp_arg[lane] : INT_MAX;
     for (int off = kWarp / 2; off > 0; off >>= 1) {
-      offer(best, arg, __shfl_down_sync(0xffffffffu, best, off),
-            __shfl_down_sync(0xffffffffu, arg, off));
+      offer(best, arg, __shfl_down_sync(kFullMask, best, off),
+            __shfl_down_sync(kFullMask, arg, off));
     }
     if (lane == 0) winner = arg;
   }
@@ -75,7 +83,6 @@ __global__ void __launch_bounds__(kFpsThreads)
                int64_t* __restrict__ out) {
   const int64_t cloud = blockIdx.x;
   xyz += cloud * n * 3;
-  temp += cloud * n;
   out += cloud * m;
   const int tid = threadIdx.x;
   constexpr int kSlots = PPT > 0 ? PPT : 1;
@@ -91,6 +98,7 @@ __global__ void __launch_bounds__(kFpsThreads)
       pd[p] = (in && pickable(px[p], py[p], pz[p])) ? kFpsInit : -1.f;
     }
   } else {
+    temp += cloud * n;
     for (int i = tid; i < n; i += kFpsThreads) {
       temp[i] = pickable(xyz[3 * i], xyz[3 * i + 1], xyz[3 * i + 2]) ? kFpsInit : -1.f;
     }
@@ -127,16 +135,19 @@ __global__ void __launch_bounds__(kFpsThreads)
   }
 }
 
-// One thread per query; reference points stream through shared memory in index order, so
-// the strict comparisons of the sorted insertion keep equal distances in index order.
+// One thread per query, for many queries. Reference points stream through shared memory in
+// index order, so the strict comparisons of the sorted insertion keep equal distances in
+// index order. The list lives in local memory; the distance to beat once it is full is
+// kept in a register, so most candidates cost one comparison.
 template <int KMAX>
 __global__ void __launch_bounds__(kKnnThreads)
-    knn_kernel(const float* __restrict__ ref, const float* __restrict__ query, int n, int m,
-               int k, float* __restrict__ dist, int64_t* __restrict__ idx) {
+    knn_thread_kernel(const float* __restrict__ ref, const float* __restrict__ query, int n,
+                      int m, int k, int blocks_per_cloud, float* __restrict__ dist,
+                      int64_t* __restrict__ idx) {
   __shared__ float sx[kKnnTile], sy[kKnnTile], sz[kKnnTile];
-  const int64_t cloud = blockIdx.y;
+  const int64_t cloud = blockIdx.x / blocks_per_cloud;
   ref += cloud * n * 3;
-  const int q = blockIdx.x * kKnnThreads + threadIdx.x;
+  const int q = (blockIdx.x % blocks_per_cloud) * kKnnThreads + threadIdx.x;
   const bool active = q < m;
   const int64_t row = (cloud * m + q) * k;
   float qx = 0.f, qy = 0.f, qz = 0.f;
@@ -149,6 +160,7 @@ __global__ void __launch_bounds__(kKnnThreads)
   float best_d[KMAX];
   int best_i[KMAX];
   int count = 0;
+  float worst = 0.f;  // best_d[k - 1] once count == k
   for (int start = 0; start < n; start += kKnnTile) {
     const int len = min(kKnnTile, n - start);
     __syncthreads();
@@ -161,7 +173,7 @@ __global__ void __launch_bounds__(kKnnThreads)
     if (!active) continue;
     for (int s = 0; s < len; ++s) {
       const float d = sqdist(sx[s], sy[s], sz[s], qx, qy, qz);
-      if (count == k && !(d < best_d[k - 1])) continue;
+      if (count == k && !(d < worst)) continue;
       int pos = count < k ? count++ : k - 1;
       while (pos > 0 && best_d[pos - 1] > d) {
         best_d[pos] = best_d[pos - 1];
@@ -170,6 +182,7 @@ __global__ void __launch_bounds__(kKnnThreads)
       }
       best_d[pos] = d;
       best_i[pos] = start + s;
+      if (count == k) worst = best_d[k - 1];
     }
   }
   if (!active) return;
@@ -179,58 +192,183 @@ __global__ void __launch_bounds__(kKnnThreads)
   }
 }
 
+// One warp per query, for few queries (e.g. B=1, M=128 would be one block of the thread
+// kernel). The lanes compute 32 distances at a time; the sorted list is spread over the
+// warp's registers, entry p = slot * 32 + lane (k <= 32 * SLOTS). Candidates that beat the
+// current k-th distance are inserted one at a time in index order (ballot, then the
+// lowest lane first), each insertion shifting the entries behind it by one lane, so ties
+// keep the lower index exactly as in the other kernels.
+template <int SLOTS>
+__global__ void __launch_bounds__(kKnnWarps * kWarp)
+    knn_warp_kernel(const float* __restrict__ ref, const float* __restrict__ query, int n,
+                    int m, int k, int blocks_per_cloud, float* __restrict__ dist,
+                    int64_t* __restrict__ idx) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t cloud = blockIdx.x / blocks_per_cloud;
+  const int q = (blockIdx.x % blocks_per_cloud) * kKnnWarps + threadIdx.x / kWarp;
+  if (q >= m) return;  // whole warps only: q is the same for every lane
+  ref += cloud * n * 3;
+  const float* p = query + (cloud * m + q) * 3;
+  const float qx = p[0], qy = p[1], qz = p[2];
+  float list_d[SLOTS];
+  int list_i[SLOTS];
+#pragma unroll
+  for (int s = 0; s < SLOTS; ++s) {
+    list_d[s] = 0.f;
+    list_i[s] = 0;
+  }
+  int count = 0;      // valid entries (warp-uniform)
+  float worst = 0.f;  // entry k - 1 once count == k (warp-uniform)
+  const int last_slot = (k - 1) / kWarp, last_lane = (k - 1) % kWarp;
+  for (int base = 0; base < n; base += kWarp) {
+    const int i = base + lane;
+    float d = 0.f;
+    if (i < n) d = sqdist(__ldg(ref + 3 * i), __ldg(ref + 3 * i + 1), __ldg(ref + 3 * i + 2),
+                          qx, qy, qz);
+    unsigned pending = __ballot_sync(kFullMask, i < n && (count < k || d < worst));
+    while (pending) {
+      const int src = __ffs(pending) - 1;
+      pending &= pending - 1;
+      const float cd = __shfl_sync(kFullMask, d, src);
+      if (count == k && !(cd < worst)) continue;  // an earlier lane raised the bar
+      // Insert after every entry <= cd: equal distances stay in index order.
+      int pos = 0;
+#pragma unroll
+      for (int s = 0; s < SLOTS; ++s) {
+        pos += __popc(__ballot_sync(kFullMask, s * kWarp + lane < count && list_d[s] <= cd));
+      }
+      float prev_d[SLOTS];
+      int prev_i[SLOTS];
+#pragma unroll
+      for (int s = 0; s < SLOTS; ++s) {  // entry p - 1 of every entry p, read before writing
+        const float up_d = __shfl_up_sync(kFullMask, list_d[s], 1);
+        const int up_i = __shfl_up_sync(kFullMask, list_i[s], 1);
+        const float wrap_d = __shfl_sync(kFullMask, list_d[s > 0 ? s - 1 : 0], kWarp - 1);
+        const int wrap_i = __shfl_sync(kFullMask, list_i[s > 0 ? s - 1 : 0], kWarp - 1);
+        prev_d[s] = lane > 0 ? up_d : wrap_d;
+        prev_i[s] = lane > 0 ? up_i : wrap_i;
+      }
+#pragma unroll
+      for (int s = 0; s < SLOTS; ++s) {
+        const int e = s * kWarp + lane;
+        if (e == pos) {
+          list_d[s] = cd;
+          list_i[s] = base + src;
+        } else if (e > pos) {
+          list_d[s] = prev_d[s];
+          list_i[s] = prev_i[s];
+        }
+      }
+      if (count < k) ++count;
+      if (count == k) {
+        float mine = list_d[0];
+#pragma unroll
+        for (int s = 1; s < SLOTS; ++s) mine = s == last_slot ? list_d[s] : mine;
+        worst = __shfl_sync(kFullMask, mine, last_lane);
+      }
+    }
+  }
+  const int64_t row = (cloud * m + q) * k;
+#pragma unroll
+  for (int s = 0; s < SLOTS; ++s) {
+    const int e = s * kWarp + lane;
+    if (e < k) {
+      dist[row + e] = list_d[s];
+      idx[row + e] = list_i[s];
+    }
+  }
+}
+
 template <int PPT>
-void launch_fps(const float* xyz, int64_t b, int64_t n, int64_t m, float* temp, int64_t* out,
-                cudaStream_t stream) {
-  fps_kernel<PPT><<<static_cast<unsigned>(b), kFpsThreads, 0, stream>>>(
-      xyz, static_cast<int>(n), static_cast<int>(m), temp, out);
+cudaError_t launch_fps(const float* xyz, int64_t b, int64_t n, int64_t m, float* temp,
+                       int64_t* out, cudaStream_t stream) {
+  for (int64_t first = 0; first < b; first += kMaxGridX) {
+    const int64_t clouds = b - first < kMaxGridX ? b - first : kMaxGridX;
+    fps_kernel<PPT><<<static_cast<unsigned>(clouds), kFpsThreads, 0, stream>>>(
+        xyz + first * n * 3, static_cast<int>(n), static_cast<int>(m),
+        temp == nullptr ? nullptr : temp + first * n, out + first * m);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// Launches `kernel` over all clouds, `per_block` queries per block, splitting the batch so
+// that no launch exceeds the grid's x limit.
+template <typename Kernel>
+cudaError_t launch_knn_grid(Kernel kernel, int per_block, int threads, const float* ref,
+                            const float* query, int64_t b, int64_t n, int64_t m, int64_t k,
+                            float* dist, int64_t* idx, cudaStream_t stream) {
+  const int64_t blocks_per_cloud = (m + per_block - 1) / per_block;
+  const int64_t clouds_per_launch = kMaxGridX / blocks_per_cloud;
+  for (int64_t first = 0; first < b; first += clouds_per_launch) {
+    const int64_t clouds = b - first < clouds_per_launch ? b - first : clouds_per_launch;
+    kernel<<<static_cast<unsigned>(clouds * blocks_per_cloud), threads, 0, stream>>>(
+        ref + first * n * 3, query + first * m * 3, static_cast<int>(n), static_cast<int>(m),
+        static_cast<int>(k), static_cast<int>(blocks_per_cloud), dist + first * m * k,
+        idx + first * m * k);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <int KMAX>
-void launch_knn_k(const float* ref, const float* query, int64_t b, int64_t n, int64_t m,
-                  int64_t k, float* dist, int64_t* idx, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((m + kKnnThreads - 1) / kKnnThreads),
-                  static_cast<unsigned>(b));
-  knn_kernel<KMAX><<<grid, kKnnThreads, 0, stream>>>(ref, query, static_cast<int>(n),
-                                                     static_cast<int>(m), static_cast<int>(k),
-                                                     dist, idx);
+cudaError_t launch_knn_thread(const float* ref, const float* query, int64_t b, int64_t n,
+                              int64_t m, int64_t k, float* dist, int64_t* idx,
+                              cudaStream_t stream) {
+  return launch_knn_grid(knn_thread_kernel<KMAX>, kKnnThreads, kKnnThreads, ref, query, b, n,
+                         m, k, dist, idx, stream);
+}
+
+template <int SLOTS>
+cudaError_t launch_knn_warp(const float* ref, const float* query, int64_t b, int64_t n,
+                            int64_t m, int64_t k, float* dist, int64_t* idx,
+                            cudaStream_t stream) {
+  return launch_knn_grid(knn_warp_kernel<SLOTS>, kKnnWarps, kKnnWarps * kWarp, ref, query, b,
+                         n, m, k, dist, idx, stream);
 }
 
 }  // namespace
+
+bool fps_needs_scratch(int64_t n) {
+  return (n + kFpsThreads - 1) / kFpsThreads > kFpsMaxPointsPerThread;
+}
 
 cudaError_t launch_furthest_point_sample(const float* xyz, int64_t b, int64_t n, int64_t m,
                                          float* temp, int64_t* out, cudaStream_t stream) {
   static_assert(kFpsMaxPointsPerThread == 16, "update the dispatch below");
   const int64_t per_thread = (n + kFpsThreads - 1) / kFpsThreads;
-  if (per_thread <= 1) {
-    launch_fps<1>(xyz, b, n, m, temp, out, stream);
-  } else if (per_thread <= 2) {
-    launch_fps<2>(xyz, b, n, m, temp, out, stream);
-  } else if (per_thread <= 4) {
-    launch_fps<4>(xyz, b, n, m, temp, out, stream);
-  } else if (per_thread <= 8) {
-    launch_fps<8>(xyz, b, n, m, temp, out, stream);
-  } else if (per_thread <= kFpsMaxPointsPerThread) {
-    launch_fps<16>(xyz, b, n, m, temp, out, stream);
-  } else {
-    launch_fps<0>(xyz, b, n, m, temp, out, stream);
+  if (per_thread <= 1) return launch_fps<1>(xyz, b, n, m, nullptr, out, stream);
+  if (per_thread <= 2) return launch_fps<2>(xyz, b, n, m, nullptr, out, stream);
+  if (per_thread <= 4) return launch_fps<4>(xyz, b, n, m, nullptr, out, stream);
+  if (per_thread <= 8) return launch_fps<8>(xyz, b, n, m, nullptr, out, stream);
+  if (per_thread <= kFpsMaxPointsPerThread) {
+    return launch_fps<16>(xyz, b, n, m, nullptr, out, stream);
   }
-  return cudaGetLastError();
+  if (temp == nullptr) return cudaErrorInvalidValue;
+  return launch_fps<0>(xyz, b, n, m, temp, out, stream);
+}
+
+KnnVariant knn_auto_variant(int64_t b, int64_t n, int64_t m, int multiprocessors) {
+  const bool few_queries = b * m < kKnnWarpQueriesPerSM * multiprocessors;
+  return n >= kKnnWarpMinPoints && few_queries ? KnnVariant::kWarp : KnnVariant::kThread;
 }
 
 cudaError_t launch_knn(const float* ref, const float* query, int64_t b, int64_t n, int64_t m,
-                       int64_t k, float* dist, int64_t* idx, cudaStream_t stream) {
+                       int64_t k, KnnVariant variant, float* dist, int64_t* idx,
+                       cudaStream_t stream) {
   static_assert(kKnnMaxK == 128, "update the dispatch below");
-  if (k <= 16) {
-    launch_knn_k<16>(ref, query, b, n, m, k, dist, idx, stream);
-  } else if (k <= 32) {
-    launch_knn_k<32>(ref, query, b, n, m, k, dist, idx, stream);
-  } else if (k <= 64) {
-    launch_knn_k<64>(ref, query, b, n, m, k, dist, idx, stream);
-  } else {
-    launch_knn_k<128>(ref, query, b, n, m, k, dist, idx, stream);
+  if (variant == KnnVariant::kWarp) {
+    if (k <= 32) return launch_knn_warp<1>(ref, query, b, n, m, k, dist, idx, stream);
+    if (k <= 64) return launch_knn_warp<2>(ref, query, b, n, m, k, dist, idx, stream);
+    return launch_knn_warp<4>(ref, query, b, n, m, k, dist, idx, stream);
   }
-  return cudaGetLastError();
+  if (variant != KnnVariant::kThread) return cudaErrorInvalidValue;
+  if (k <= 16) return launch_knn_thread<16>(ref, query, b, n, m, k, dist, idx, stream);
+  if (k <= 32) return launch_knn_thread<32>(ref, query, b, n, m, k, dist, idx, stream);
+  if (k <= 64) return launch_knn_thread<64>(ref, query, b, n, m, k, dist, idx, stream);
+  return launch_knn_thread<128>(ref, query, b, n, m, k, dist, idx, stream);
 }
 
 }  // namespace pointclora

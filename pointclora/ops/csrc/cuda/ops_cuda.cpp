@@ -1,6 +1,7 @@
 // Torch operator bindings of the CUDA kernels (namespace torch.ops.pointclora_cuda).
 // Inputs arrive validated and converted by pointclora/ops/functional.py; the checks here
-// only guard direct calls.
+// only guard direct calls. Registered for the CUDA dispatch key, so a CPU tensor gets the
+// dispatcher's clear error instead of a bad pointer.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,7 +9,7 @@
 #include <torch/library.h>
 
 #include <climits>
-#include <vector>
+#include <tuple>
 
 #include "kernels.h"
 
@@ -31,41 +32,59 @@ at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
   TORCH_CHECK(npoint >= 1 && npoint <= n, "furthest_point_sample: need 1 <= npoint <= N");
   const c10::cuda::CUDAGuard guard(xyz.device());
   at::Tensor out = at::empty({b, npoint}, xyz.options().dtype(at::kLong));
-  at::Tensor temp = at::empty({b, n}, xyz.options());
-  if (b > 0) {
-    check_launch(pointclora::launch_furthest_point_sample(
-                     xyz.data_ptr<float>(), b, n, npoint, temp.data_ptr<float>(),
-                     out.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
-                 "furthest_point_sample");
-  }
+  if (b == 0) return out;
+  // Running distances stay in registers up to 8192 points; only larger clouds need scratch.
+  at::Tensor temp;
+  if (pointclora::fps_needs_scratch(n)) temp = at::empty({b, n}, xyz.options());
+  check_launch(pointclora::launch_furthest_point_sample(
+                   xyz.data_ptr<float>(), b, n, npoint,
+                   temp.defined() ? temp.data_ptr<float>() : nullptr, out.data_ptr<int64_t>(),
+                   c10::cuda::getCurrentCUDAStream()),
+               "furthest_point_sample");
   return out;
 }
 
-std::vector<at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query, int64_t k) {
+// variant: 0 picks by problem size, 1 forces one thread per query, 2 one warp per query.
+std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query,
+                                       int64_t k, int64_t variant) {
   check_cloud(ref, "knn", "ref");
   check_cloud(query, "knn", "query");
   const int64_t b = ref.size(0), n = ref.size(1), m = query.size(1);
   TORCH_CHECK(query.size(0) == b && query.device() == ref.device(),
               "knn: ref and query must share batch size and device");
-  TORCH_CHECK(b < 65536, "knn: at most 65535 clouds per call");
   TORCH_CHECK(k >= 1 && k <= n && k <= pointclora::kKnnMaxK, "knn: need 1 <= k <= min(N, ",
               pointclora::kKnnMaxK, ")");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "knn: variant must be 0 (auto), 1 (thread per "
+              "query) or 2 (warp per query), got ", variant);
   const c10::cuda::CUDAGuard guard(ref.device());
   at::Tensor dist = at::empty({b, m, k}, ref.options());
   at::Tensor idx = at::empty({b, m, k}, ref.options().dtype(at::kLong));
-  if (b > 0 && m > 0) {
-    check_launch(pointclora::launch_knn(ref.data_ptr<float>(), query.data_ptr<float>(), b, n, m,
-                                        k, dist.data_ptr<float>(), idx.data_ptr<int64_t>(),
-                                        c10::cuda::getCurrentCUDAStream()),
+  if (b == 0 || m == 0) return {dist, idx};
+  auto chosen = static_cast<pointclora::KnnVariant>(variant);
+  if (chosen == pointclora::KnnVariant::kAuto) {
+    int multiprocessors = 0;
+    check_launch(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
+                                        ref.device().index()),
                  "knn");
+    chosen = pointclora::knn_auto_variant(b, n, m, multiprocessors);
   }
+  check_launch(pointclora::launch_knn(ref.data_ptr<float>(), query.data_ptr<float>(), b, n, m,
+                                      k, chosen, dist.data_ptr<float>(),
+                                      idx.data_ptr<int64_t>(),
+                                      c10::cuda::getCurrentCUDAStream()),
+               "knn");
   return {dist, idx};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(pointclora_cuda, lib) {
-  lib.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor", &furthest_point_sample);
-  lib.def("knn(Tensor ref, Tensor query, int k) -> Tensor[]", &knn);
+  lib.def("furthest_point_sample(Tensor xyz, int npoint) -> Tensor");
+  lib.def("knn(Tensor ref, Tensor query, int k, int variant=0) -> (Tensor, Tensor)");
   lib.def("knn_max_k() -> int", [] { return pointclora::kKnnMaxK; });
+}
+
+TORCH_LIBRARY_IMPL(pointclora_cuda, CUDA, lib) {
+  lib.impl("furthest_point_sample", &furthest_point_sample);
+  lib.impl("knn", &knn);
 }
