@@ -1,10 +1,13 @@
-"""Shared fixtures: the real-data folder beside the repository, small seeds."""
+"""Shared fixtures: reference facts kept in tests/fixtures, the real-data folder beside the
+repository."""
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SHARED_DATA = SHARED / "data"
+import pointclora  # noqa: F401  (first: the OpenMP wait policy is set before torch loads)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture
@@ -16,9 +19,6 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
-def shared_docs() -> Path:
-    """The reference docs folder (`../shared/docs`), or skip where it is absent."""
-    docs = SHARED / "docs"
-    if not docs.is_dir():
-        pytest.skip(f"reference docs not found at {docs}")
-    return docs
+def fixtures() -> Path:
+    """``tests/fixtures``: official key lists and other reference facts (see its README)."""
+    return FIXTURES

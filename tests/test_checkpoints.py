@@ -1,6 +1,6 @@
 """Official key layouts and checkpoint loading, against the key lists of the official models.
 
-Checkpoint files are synthesised in each official layout from ``docs/keys/*.tsv`` (every key and
+Checkpoint files are synthesised in each official layout from ``tests/fixtures/keys/*.tsv`` (every key and
 shape, decoder / dVAE / momentum-encoder / queue keys included). Tensors that only need a shape
 are stride-0 expansions of one number, so even full-size files cost a few kilobytes.
 """
@@ -115,9 +115,9 @@ def cloud(seed=0):
 
 @pytest.mark.parametrize("layout", ["mae_finetune", "bert_finetune"])
 @pytest.mark.parametrize("cls_dim", [40, 15])
-def test_state_dict_is_the_official_one(shared_docs, layout, cls_dim):
+def test_state_dict_is_the_official_one(fixtures, layout, cls_dim):
     tsv, cls, _, _ = LAYOUTS[layout]
-    expected = read_keys(shared_docs, tsv)
+    expected = read_keys(fixtures, tsv)
     last = f"{HEAD_PREFIX}.{8 if cls is PointMAE else 3}."
     expected = [(k, [cls_dim, *s[1:]] if k.startswith(last) else s, d) for k, s, d in expected]
     with torch.device("meta"):
@@ -132,9 +132,9 @@ def test_state_dict_is_the_official_one(shared_docs, layout, cls_dim):
 
 @pytest.mark.parametrize("module", [False, True], ids=["plain", "module."])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_full_size_official_files_load(shared_docs, tmp_path, layout, module):
+def test_full_size_official_files_load(fixtures, tmp_path, layout, module):
     tsv, cls, prefix, ignorable = LAYOUTS[layout]
-    state = official_state(shared_docs, layout, module=module)
+    state = official_state(fixtures, layout, module=module)
     path = save(tmp_path / "official.pth", state)
     model = uninitialised(cls)
     report = model.load_pretrained(path)
@@ -146,7 +146,7 @@ def test_full_size_official_files_load(shared_docs, tmp_path, layout, module):
     assert report.loaded == [k for k in own if k not in fresh]
     assert report.missing == [] and report.unexpected == [] and report.notes == []
     assert report.head_loaded == layout.endswith("finetune")
-    file_keys = [k for k, _, _ in read_keys(shared_docs, tsv)]
+    file_keys = [k for k, _, _ in read_keys(fixtures, tsv)]
     assert sorted(report.ignored) == sorted(set(file_keys) - {prefix + k for k in report.loaded})
     assert all(k.startswith(ignorable) for k in report.ignored) if ignorable else \
         report.ignored == []
@@ -162,10 +162,10 @@ CASES = [("mae_pretrain", "base_model", True), ("bert_pretrain", "bare", True),
 
 
 @pytest.mark.parametrize("layout, container, module", CASES)
-def test_loaded_weights_are_used(shared_docs, tmp_path, layout, container, module):
+def test_loaded_weights_are_used(fixtures, tmp_path, layout, container, module):
     _, cls, prefix, _ = LAYOUTS[layout]
     source = randomise(model_with_seed(cls, 1), seed=7).eval()
-    state = official_state(shared_docs, layout, depth=2, source=source.state_dict(),
+    state = official_state(fixtures, layout, depth=2, source=source.state_dict(),
                            module=module)
     path = save(tmp_path / "ckpt.pth", state, container)
 
@@ -202,8 +202,8 @@ def retag_storages_as_cuda(path):
             zout.writestr(info, data)
 
 
-def test_cuda_checkpoint_loads_on_cpu(shared_docs, tmp_path):
-    state = official_state(shared_docs, "mae_pretrain", depth=2, module=True)
+def test_cuda_checkpoint_loads_on_cpu(fixtures, tmp_path):
+    state = official_state(fixtures, "mae_pretrain", depth=2, module=True)
     path = save(tmp_path / "gpu.pth", state)
     retag_storages_as_cuda(path)
     if not torch.cuda.is_available():
@@ -217,8 +217,8 @@ def test_cuda_checkpoint_loads_on_cpu(shared_docs, tmp_path):
 
 @pytest.mark.parametrize("cls, layout", [(PointMAE, "mae_finetune"),
                                          (PointBERT, "bert_finetune")])
-def test_head_for_other_classes_is_skipped(shared_docs, tmp_path, caplog, cls, layout):
-    path = save(tmp_path / "modelnet_1k.pth", official_state(shared_docs, layout, depth=2))
+def test_head_for_other_classes_is_skipped(fixtures, tmp_path, caplog, cls, layout):
+    path = save(tmp_path / "modelnet_1k.pth", official_state(fixtures, layout, depth=2))
     model = model_with_seed(cls, 0, cls_dim=15)
     head_before = copy.deepcopy(getattr(model, HEAD_PREFIX).state_dict())
     with caplog.at_level(logging.INFO, logger="pointclora"):
@@ -228,7 +228,7 @@ def test_head_for_other_classes_is_skipped(shared_docs, tmp_path, caplog, cls, l
     assert report.loaded == [k for k in model.state_dict() if k not in head_keys(model)]
     assert "cls_dim 40 in the file, 15 in the model" in report.notes[0]
     assert sorted(report.ignored) == sorted(k for k in
-                                            official_state(shared_docs, layout, depth=2)
+                                            official_state(fixtures, layout, depth=2)
                                             if k.startswith(HEAD_PREFIX))
     for key, value in getattr(model, HEAD_PREFIX).state_dict().items():
         assert torch.equal(value, head_before[key]), key
@@ -236,8 +236,8 @@ def test_head_for_other_classes_is_skipped(shared_docs, tmp_path, caplog, cls, l
     assert any("head skipped" in w and str(path) in w for w in warnings)
 
 
-def test_report_is_logged_and_readable(shared_docs, tmp_path, caplog):
-    path = save(tmp_path / "pretrain.pth", official_state(shared_docs, "mae_pretrain", depth=2))
+def test_report_is_logged_and_readable(fixtures, tmp_path, caplog):
+    path = save(tmp_path / "pretrain.pth", official_state(fixtures, "mae_pretrain", depth=2))
     model = model_with_seed(PointMAE, 0)
     with caplog.at_level(logging.INFO, logger="pointclora"):
         report = model.load_pretrained(path)
@@ -251,8 +251,8 @@ def test_report_is_logged_and_readable(shared_docs, tmp_path, caplog):
     assert any(r.name == "pointclora" and r.getMessage() == text for r in caplog.records)
 
 
-def test_build_model_loads_pretrained(shared_docs, tmp_path):
-    state = official_state(shared_docs, "bert_pretrain", depth=2)
+def test_build_model_loads_pretrained(fixtures, tmp_path):
+    state = official_state(fixtures, "bert_pretrain", depth=2)
     path = save(tmp_path / "Point-BERT.pth", state)
     model = build_model({"name": "point_bert", **SMALL, "pretrained": str(path)})
     expected = state["transformer_q.blocks.blocks.1.attn.qkv.weight"]
@@ -271,8 +271,8 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_pickled_python_objects_are_refused_unless_trusted(shared_docs, tmp_path, caplog):
-    state = official_state(shared_docs, "mae_finetune", depth=2)
+def test_pickled_python_objects_are_refused_unless_trusted(fixtures, tmp_path, caplog):
+    state = official_state(fixtures, "mae_finetune", depth=2)
     path = tmp_path / "with_args.pth"
     torch.save({"base_model": state, "args": argparse.Namespace(config="x.yaml")}, path)
     with pytest.raises(UnsafeCheckpointError, match="argparse.Namespace.*convert_checkpoint"):
@@ -284,9 +284,9 @@ def test_pickled_python_objects_are_refused_unless_trusted(shared_docs, tmp_path
                for r in caplog.records)
 
 
-def test_malicious_pickle_never_runs(shared_docs, tmp_path):
+def test_malicious_pickle_never_runs(fixtures, tmp_path):
     marker = tmp_path / "pwned"
-    state = official_state(shared_docs, "mae_finetune", depth=2)
+    state = official_state(fixtures, "mae_finetune", depth=2)
     path = tmp_path / "evil.pth"
     torch.save({"base_model": state, "payload": _Payload(marker)}, path)
     with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system|nt.system"):
@@ -305,16 +305,16 @@ def test_malicious_pickle_never_runs(shared_docs, tmp_path):
     (PointBERT, "mae_pretrain", "Point-MAE", "point_mae"),
     (PointBERT, "mae_finetune", "Point-MAE", "point_mae"),
 ])
-def test_wrong_backbone_file(shared_docs, tmp_path, cls, layout, family, name):
-    path = save(tmp_path / "other.pth", official_state(shared_docs, layout, depth=2))
+def test_wrong_backbone_file(fixtures, tmp_path, cls, layout, family, name):
+    path = save(tmp_path / "other.pth", official_state(fixtures, layout, depth=2))
     with pytest.raises(CheckpointError, match=(
             rf"other\.pth: this is a {family} checkpoint .* but the model is {cls.__name__}; "
             rf"build the model with name: {name}")):
         model_with_seed(cls, 0).load_pretrained(path)
 
 
-def test_shape_mismatch_names_keys_and_config(shared_docs, tmp_path):
-    path = save(tmp_path / "Point-BERT.pth", official_state(shared_docs, "bert_pretrain", depth=2))
+def test_shape_mismatch_names_keys_and_config(fixtures, tmp_path):
+    path = save(tmp_path / "Point-BERT.pth", official_state(fixtures, "bert_pretrain", depth=2))
     model = model_with_seed(PointBERT, 0, encoder_dims=384)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(CheckpointError) as err:
@@ -328,8 +328,8 @@ def test_shape_mismatch_names_keys_and_config(shared_docs, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "untouched"
 
 
-def test_depth_mismatch_is_an_error_unless_not_strict(shared_docs, tmp_path, caplog):
-    path = save(tmp_path / "deep.pth", official_state(shared_docs, "mae_pretrain", depth=3,
+def test_depth_mismatch_is_an_error_unless_not_strict(fixtures, tmp_path, caplog):
+    path = save(tmp_path / "deep.pth", official_state(fixtures, "mae_pretrain", depth=3,
                                                       module=True))
     model = model_with_seed(PointMAE, 0)
     with pytest.raises(CheckpointError, match=(
@@ -339,21 +339,21 @@ def test_depth_mismatch_is_an_error_unless_not_strict(shared_docs, tmp_path, cap
         model.load_pretrained(path)
     with caplog.at_level(logging.WARNING, logger="pointclora"):
         report = model.load_pretrained(path, strict=False)
-    block = [k for k in official_state(shared_docs, "mae_pretrain", depth=3)
+    block = [k for k in official_state(fixtures, "mae_pretrain", depth=3)
              if k.startswith("MAE_encoder.blocks.blocks.2.")]
     assert report.unexpected == block and len(block) == 11
     assert any("11 unexpected" in r.getMessage() for r in caplog.records)
 
     shallow = save(tmp_path / "shallow.pth",
-                   official_state(shared_docs, "mae_pretrain", depth=1))
+                   official_state(fixtures, "mae_pretrain", depth=1))
     with pytest.raises(CheckpointError, match=r"missing 11 key\(s\).*depth=1 \(model: 2\)"):
         model.load_pretrained(shallow)
     report = model.load_pretrained(shallow, strict=False)
     assert report.missing == [k.removeprefix("MAE_encoder.").replace(".2.", ".1.") for k in block]
 
 
-def test_missing_encoder_key(shared_docs, tmp_path):
-    state = official_state(shared_docs, "mae_finetune", depth=2)
+def test_missing_encoder_key(fixtures, tmp_path):
+    state = official_state(fixtures, "mae_finetune", depth=2)
     del state["encoder.first_conv.0.weight"]
     path = save(tmp_path / "partial.pth", state)
     model = model_with_seed(PointMAE, 0)
@@ -392,19 +392,19 @@ def test_unusable_files(tmp_path, payload, match):
     assert isinstance(err.value, ValueError)
 
 
-def test_dvae_file_is_not_a_backbone(shared_docs, tmp_path):
+def test_dvae_file_is_not_a_backbone(fixtures, tmp_path):
     """Point-BERT's tokenizer file shares the mini-PointNet keys but holds no transformer."""
     dvae = {k.removeprefix("dvae."): v for k, v in
-            official_state(shared_docs, "bert_pretrain", depth=1).items() if k.startswith("dvae.")}
+            official_state(fixtures, "bert_pretrain", depth=1).items() if k.startswith("dvae.")}
     path = save(tmp_path / "dVAE.pth", dvae)
     for cls in (PointBERT, PointMAE):
         with pytest.raises(CheckpointError, match=(
-                r"dVAE\.pth: no Point-(BERT|MAE) backbone found \(no transformer keys")):
+                r"dVAE\.pth: no Point-(BERT|MAE) backbone found \(no keys of its checkpoint layouts")):
             model_with_seed(cls, 0, depth=1).load_pretrained(path)
 
 
-def test_truncated_file(shared_docs, tmp_path):
-    path = save(tmp_path / "cut.pth", official_state(shared_docs, "mae_finetune", depth=1))
+def test_truncated_file(fixtures, tmp_path):
+    path = save(tmp_path / "cut.pth", official_state(fixtures, "mae_finetune", depth=1))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"cut\.pth: not a readable PyTorch checkpoint"):
         model_with_seed(PointMAE, 0, depth=1).load_pretrained(path)
@@ -420,8 +420,8 @@ def test_missing_file(tmp_path):
         build_model({"name": "point_mae", "depth": 1, "pretrained": str(path)})
 
 
-def test_batchnorm_buffers_load(shared_docs, tmp_path):
-    state = official_state(shared_docs, "mae_finetune", depth=2)
+def test_batchnorm_buffers_load(fixtures, tmp_path):
+    state = official_state(fixtures, "mae_finetune", depth=2)
     path = save(tmp_path / "ok.pth", state)
     model = model_with_seed(PointMAE, 0)
     model.load_pretrained(path)

@@ -229,8 +229,8 @@ def test_real_lidar_h5_loads_with_padding_repeated_and_names(shared_data):
 
 # ---- ScanObjectNN --------------------------------------------------------------------------
 
-def test_scanobjectnn_variants_read_their_official_files_unnormalised(tmp_path, shared_docs):
-    text = (shared_docs / "REFERENCE.md").read_text()
+def test_scanobjectnn_variants_read_their_official_files_unnormalised(tmp_path, fixtures):
+    text = (fixtures / "scanobjectnn.md").read_text()
     names = re.search(r"Classes: ([a-z, \n]+)\.", text).group(1).replace("\n", " ")
     assert list(SCANOBJECTNN_CLASSES) == [n.strip() for n in names.split(",")]
     files = {"obj_bg": "main_split/{}_objectdataset.h5",

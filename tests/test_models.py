@@ -1,4 +1,5 @@
-"""Backbones: sizes, the official forward pass, attention, grouping, frozen encoder, builder."""
+"""Backbones: sizes, the official forward pass, attention, grouping, frozen encoder, builder,
+and the registry (a backbone added from this file alone, loaded and trained one step)."""
 import copy
 
 import pytest
@@ -6,7 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pointclora.models import HEAD_PREFIX, PointBERT, PointMAE, build_model
+from pointclora.models import (
+    BACKBONES,
+    HEAD_PREFIX,
+    CheckpointError,
+    CheckpointSpec,
+    Layout,
+    PointBERT,
+    PointMAE,
+    build_model,
+    register_backbone,
+)
 from pointclora.models.layers import Attention
 from pointclora.models.pointnet import MiniPointNet
 
@@ -300,7 +311,7 @@ def test_build_model():
 
 
 @pytest.mark.parametrize("cfg, match", [
-    ({"name": "pointnet"}, r"\['point_bert', 'point_mae'\].*'pointnet'"),
+    ({"name": "pointnet"}, r"one of \[.*'point_bert'.*'point_mae'.*\], got 'pointnet'"),
     ({"cls_dim": 3}, "model.name must be one of"),
     ({"name": "point_mae", "dropout": 0.1}, r"\['dropout'\].*'drop_path_rate'"),
     ({"name": "point_mae", "num_heads": 5}, "divisible by num_heads=5"),
@@ -312,3 +323,137 @@ def test_build_model():
 def test_build_model_rejects_bad_config(cfg, match):
     with pytest.raises(ValueError, match=match):
         build_model(cfg)
+
+
+# ---------------------------------------------------------------- registry: a backbone in one file
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + F.gelu(self.fc(self.norm(x)))
+
+
+class ToyNet(nn.Module):
+    """A per-point residual MLP, max-pooled, with a linear head: a stand-in for a new backbone.
+
+    Its pre-training files keep the encoder under ``student.`` with blocks called ``layers``,
+    beside a ``student.predictor`` and a ``teacher`` that fine-tuning does not use.
+    """
+
+    checkpoint = CheckpointSpec(
+        title="ToyNet",
+        layouts=(
+            Layout("ToyNet pre-training checkpoint", marks=("student.layers.",), prefix="student.",
+                   renames=((r"^layers\.(\d+)\.", r"blocks.\1."),), dropped=("predictor.",)),
+            Layout("ToyNet fine-tuned checkpoint", marks=("embed.", "blocks.0.fc.")),
+        ),
+        head=("head",), classes=("num_classes", "head.weight"),
+        shapes={"width": "embed.weight"}, counts={"depth": r"blocks\.(\d+)\."},
+        weights_hint="ToyNet files are written by this test",
+    )
+    adapter_defaults = {"target_modules": ["fc"], "blocks": r"blocks\.\d+", "head": ["head"],
+                        "tokens": ["offset"]}
+
+    def __init__(self, num_classes=3, width=8, depth=2):
+        super().__init__()
+        self.config = dict(num_classes=num_classes, width=width, depth=depth)
+        self.embed = nn.Linear(3, width)
+        self.offset = nn.Parameter(torch.zeros(1, 1, width))  # a learned token
+        self.blocks = nn.ModuleList(ToyBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, points):
+        x = self.embed(points) + self.offset
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.amax(dim=1))
+
+
+@pytest.fixture
+def toy():
+    """ToyNet registered as ``toy`` for one test (the registry is left as it was)."""
+    assert "toy" not in BACKBONES
+    register_backbone("toy")(ToyNet)
+    yield ToyNet
+    del BACKBONES["toy"]
+
+
+def toy_pretrain_file(path, depth=2, width=8, seed=0):
+    """A ToyNet pre-training file in its own layout, from an independently seeded model."""
+    torch.manual_seed(seed)
+    source = ToyNet(width=width, depth=depth).state_dict()
+    state = {f"student.{k.replace('blocks.', 'layers.')}": v for k, v in source.items()
+             if not k.startswith("head.")}
+    state["student.predictor.weight"] = torch.randn(4, width)
+    state["teacher.embed.weight"] = torch.randn(width, 3)
+    torch.save({"model": state, "epoch": 100}, path)
+    return source
+
+
+def test_a_backbone_added_from_one_file_loads_its_own_layout_and_trains(toy, tmp_path, caplog):
+    from pointclora.adapters import apply_adapter
+
+    path = tmp_path / "toy_pretrain.pth"
+    source = toy_pretrain_file(path)
+    torch.manual_seed(1)
+    with caplog.at_level("INFO", logger="pointclora"):
+        model = build_model({"name": "toy", "num_classes": 3, "pretrained": str(path)})
+    assert isinstance(model, ToyNet)
+    state = model.state_dict()
+    for key, value in source.items():  # renamed keys landed in place; the head kept its init
+        assert torch.equal(state[key], value) != key.startswith("head."), key
+    report = str(next(r.getMessage() for r in caplog.records if "Loaded" in r.getMessage()))
+    n = len(source)
+    assert f"Loaded {n - 2}/{n} model tensors from {path} (ToyNet pre-training checkpoint)" in report
+    assert "expected missing (kept at init): head.* (2)" in report
+    assert "student.predictor.weight" in report and "teacher.embed.weight" in report
+
+    # Train with an adapter: only the adapters, the token and the head move (two steps: LoRA's
+    # B starts at zero, so A only gets a gradient from the second step on).
+    apply_adapter(model, "lora", r=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".fc." in n or n.startswith("head.") for n in trainable - {"offset"})
+    assert "offset" in trainable and {"head.weight", "head.bias"} <= trainable
+    assert any(".fc." in n for n in trainable) and "blocks.0.fc.weight" not in trainable
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(cloud(4, 32)), torch.tensor([0, 1, 2, 0])).backward()
+        optimizer.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == trainable
+
+
+def test_a_registered_backbone_takes_part_in_telling_files_apart(toy, tmp_path):
+    path = tmp_path / "toy_pretrain.pth"
+    toy_pretrain_file(path, depth=3)
+    with pytest.raises(CheckpointError, match=(
+            r"toy_pretrain\.pth \(ToyNet pre-training checkpoint\) does not match ToyNet: "
+            r"unexpected 4 key\(s\): student\.layers\.2\.norm\.weight.*depth=3 \(model: 2\)")):
+        build_model({"name": "toy", "pretrained": str(path)})
+    wide = tmp_path / "wide.pth"
+    toy_pretrain_file(wide, width=6)
+    with pytest.raises(CheckpointError, match=r"shape mismatch .* width=6 \(model: 8\)"):
+        build_model({"name": "toy", "pretrained": str(wide)})
+    # The Point-MAE loader knows the new layout through the registry, and the reverse.
+    with pytest.raises(CheckpointError, match=(
+            r"this is a ToyNet checkpoint \(keys of a ToyNet pre-training checkpoint\) but the "
+            r"model is PointMAE; build the model with name: toy")):
+        small(PointMAE).load_pretrained(path)
+    mae = tmp_path / "mae.pth"
+    torch.save({"base_model": small(PointMAE).state_dict()}, mae)
+    with pytest.raises(CheckpointError, match=r"this is a Point-MAE checkpoint .* name: point_mae"):
+        build_model({"name": "toy", "pretrained": str(mae)})
+
+
+def test_registry_refuses_a_name_taken_by_another_class():
+    with pytest.raises(ValueError, match=r"'point_mae' is already registered by .*PointMAE"):
+        register_backbone("point_mae")(ToyNet)
+    assert register_backbone("point_mae")(PointMAE) is PointMAE  # re-registering is harmless
+    assert BACKBONES["point_mae"] is PointMAE

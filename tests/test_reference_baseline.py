@@ -54,12 +54,12 @@ def clouds(batch: int = 3, n: int = 128, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, n, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def test_same_state_dict_keys_as_point_mae_and_the_official_list(shared_docs):
+def test_same_state_dict_keys_as_point_mae_and_the_official_list(fixtures):
     ours, ref = PointMAE(cls_dim=40), ReferencePointMAE(cls_dim=40)
     ref_state = ref.state_dict()
     assert list(ref_state) == list(ours.state_dict())
     rows = [line.split("\t") for line in
-            (shared_docs / "keys" / "point_mae_finetune_cls40.tsv").read_text().splitlines()
+            (fixtures / "keys" / "point_mae_finetune_cls40.tsv").read_text().splitlines()
             if line and not line.startswith("#")]
     assert [r[0] for r in rows] == list(ref_state)
     assert [r[1] for r in rows] == [str(list(t.shape)) for t in ref_state.values()]

@@ -9,9 +9,21 @@ from torch import nn
 
 from pointclora.ops import furthest_point_sample, gather_points, knn
 
-from .checkpoint import HEAD_PREFIX, LoadReport, load_into
+from .checkpoint import CheckpointSpec, Layout, LoadReport, load_pretrained
 from .layers import TransformerEncoder
 from .pointnet import MiniPointNet
+from .registry import register_backbone
+
+HEAD_PREFIX = "cls_head_finetune"
+# Where users get the files; quoted in error messages.
+WEIGHTS_HINT = (
+    "the official weights of the Point-MAE and Point-BERT projects are linked from their GitHub "
+    "pages (Point-MAE's releases: pretrain.pth and fine-tuned files; Point-BERT's 'Pretrained "
+    "Models' table: Point-BERT.pth and fine-tuned files)"
+)
+# Config values a file pins down by its shapes, named in errors ("The file implies depth=12").
+_SHAPES = {"trans_dim": "norm.weight", "encoder_dims": "encoder.second_conv.3.weight"}
+_COUNTS = {"depth": r"blocks\.blocks\.(\d+)\."}
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -47,8 +59,7 @@ class PointTransformer(nn.Module):
     The head sees ``concat(cls token, max over patch tokens)``.
     """
 
-    family = ""  # "point_mae" | "point_bert": which official checkpoints fit
-    head_last_linear = ""  # key of the head's last Linear (the one that depends on cls_dim)
+    checkpoint: CheckpointSpec  # the files each backbone reads (pointclora.models.checkpoint)
     # Read by pointclora.adapters (which knows no model names): where low-rank methods inject
     # by default, which modules are the transformer blocks (prompt methods), and what stays
     # trainable besides the adapters: the task head, and the learned tokens.
@@ -147,14 +158,24 @@ class PointTransformer(nn.Module):
         Load before injecting adapters: the file matches the plain backbone's keys.
         A file that pickles more than tensors is refused unless ``trust_pickle=True``.
         """
-        return load_into(self, path, strict=strict, trust_pickle=trust_pickle)
+        return load_pretrained(self, path, strict=strict, trust_pickle=trust_pickle)
 
 
+@register_backbone("point_mae")
 class PointMAE(PointTransformer):
     """Point-MAE fine-tuning backbone (``models/Point_MAE.py: PointTransformer``)."""
 
-    family = "point_mae"
-    head_last_linear = f"{HEAD_PREFIX}.8"
+    checkpoint = CheckpointSpec(
+        title="Point-MAE",
+        layouts=(
+            # pretrain.pth: the encoder under MAE_encoder.; no cls tokens (they start fresh).
+            Layout("Point-MAE pre-training checkpoint", marks=("MAE_encoder.",),
+                   prefix="MAE_encoder.", fresh=("cls_token", "cls_pos")),
+            Layout("fine-tuned checkpoint", marks=("blocks.blocks.",)),
+        ),
+        head=(HEAD_PREFIX,), classes=("cls_dim", f"{HEAD_PREFIX}.8.weight"),
+        shapes=_SHAPES, counts=_COUNTS, weights_hint=WEIGHTS_HINT,
+    )
 
     def _add_bridge(self, encoder_dims: int, trans_dim: int) -> None:
         if encoder_dims != trans_dim:
@@ -170,6 +191,7 @@ class PointMAE(PointTransformer):
         )
 
 
+@register_backbone("point_bert")
 class PointBERT(PointTransformer):
     """Point-BERT fine-tuning backbone (``models/Point_BERT.py: PointTransformer``).
 
@@ -177,8 +199,17 @@ class PointBERT(PointTransformer):
     config) followed by ``reduce_dim`` Linear(encoder_dims, trans_dim), and a BN-free head.
     """
 
-    family = "point_bert"
-    head_last_linear = f"{HEAD_PREFIX}.3"
+    checkpoint = CheckpointSpec(
+        title="Point-BERT",
+        layouts=(
+            # Point-BERT.pth: the encoder under transformer_q., with pre-training-only heads.
+            Layout("Point-BERT pre-training checkpoint", marks=("transformer_q.",),
+                   prefix="transformer_q.", dropped=("mask_token", "lm_head.", "cls_head.")),
+            Layout("fine-tuned checkpoint", marks=("blocks.blocks.", "reduce_dim.")),
+        ),
+        head=(HEAD_PREFIX,), classes=("cls_dim", f"{HEAD_PREFIX}.3.weight"),
+        shapes=_SHAPES, counts=_COUNTS, weights_hint=WEIGHTS_HINT,
+    )
 
     def __init__(self, cls_dim: int = 40, num_group: int = 64, group_size: int = 32,
                  trans_dim: int = 384, depth: int = 12, num_heads: int = 6,

@@ -4,15 +4,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
-from .backbones import PointBERT, PointMAE, PointTransformer
+from torch import nn
 
-BACKBONES: dict[str, type[PointTransformer]] = {"point_mae": PointMAE, "point_bert": PointBERT}
+from .checkpoint import load_pretrained
+from .registry import BACKBONES
 
 
-def build_model(cfg_model: Mapping, trust_pickle: bool = False) -> PointTransformer:
-    """``{name: point_mae|point_bert, <constructor keywords>, pretrained: path|null}``.
+def build_model(cfg_model: Mapping, trust_pickle: bool = False) -> nn.Module:
+    """``{name: <registered backbone>, <constructor keywords>, pretrained: path|null}``.
 
-    A ``pretrained`` path is loaded with :meth:`PointTransformer.load_pretrained` (strict).
+    ``name`` is a key of :data:`BACKBONES` (``point_mae``, ``point_bert``, ...). A
+    ``pretrained`` path is loaded with :func:`~pointclora.models.load_pretrained` (strict).
     ``trust_pickle`` is an argument of the call, never a config key: a stored config must not
     be able to turn on unpickling of arbitrary objects.
     """
@@ -29,5 +31,5 @@ def build_model(cfg_model: Mapping, trust_pickle: bool = False) -> PointTransfor
                          f"{['name', *valid, 'pretrained']}")
     model = cls(**cfg)
     if pretrained:
-        model.load_pretrained(pretrained, trust_pickle=trust_pickle)
+        load_pretrained(model, pretrained, trust_pickle=trust_pickle)
     return model
