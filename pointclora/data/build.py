@@ -8,15 +8,27 @@ from torch.utils.data import Dataset
 
 from .common import DataError
 from .fewshot import build_fewshot
+from .fgvc import FGVC_KEYS, build_fgvc
+from .images import (
+    SYNTHETIC_IMAGE_KEYS,
+    TRANSFORM_KEYS,
+    build_image_folder,
+    build_synthetic_images,
+)
 from .modelnet40 import build_modelnet40
 from .scanobjectnn import build_scanobjectnn
 from .synthetic import SYNTHETIC_KEYS, build_synthetic
+from .vtab import VTAB_KEYS, build_vtab1k
 
 DATASETS: dict[str, Callable[[dict, str], Dataset]] = {
     "synthetic": build_synthetic,
     "modelnet40": build_modelnet40,
     "modelnet40_fewshot": build_fewshot,
     "scanobjectnn": build_scanobjectnn,
+    "vtab1k": build_vtab1k,
+    "fgvc": build_fgvc,
+    "image_folder": build_image_folder,
+    "synthetic_images": build_synthetic_images,
 }
 # Keys each dataset reads (besides the transform keys npoints, protocol, up_axis).
 KEYS = {
@@ -25,6 +37,11 @@ KEYS = {
                    "h5_files"},
     "modelnet40_fewshot": {"root", "way", "shot", "fold", "shape_names"},
     "scanobjectnn": {"root", "variant"},
+    # images (docs/images.md): the transform keys and each loader's own
+    "vtab1k": {*VTAB_KEYS, *TRANSFORM_KEYS},
+    "fgvc": {*FGVC_KEYS, *TRANSFORM_KEYS},
+    "image_folder": {"root", "train_split", "test_split", *TRANSFORM_KEYS},
+    "synthetic_images": {*SYNTHETIC_IMAGE_KEYS, *TRANSFORM_KEYS},
 }
 COMMON_KEYS = {"name", "npoints", "protocol", "up_axis"}
 
