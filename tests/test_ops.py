@@ -330,6 +330,141 @@ def test_torch_compile_traces_the_grouping():
         compiled(torch.full_like(xyz, float("nan")), 24, 8)
 
 
+def assert_same_picks_up_to_near_ties(xyz: torch.Tensor, got: torch.Tensor,
+                                      want: torch.Tensor, rtol: float = 1e-5) -> None:
+    """FPS picks equal, except where another implementation took a different point at a
+    step whose two candidates' running distances agree to ``rtol`` (pointnet2_ops breaks
+    exact ties by thread and may fuse multiply-adds, flipping choices one ulp apart);
+    after such a step the sequences legitimately diverge."""
+    for b, (cloud, g, w) in enumerate(zip(xyz.double(), got, want, strict=True)):
+        differ = (g != w).nonzero()
+        if not len(differ):
+            continue
+        j = int(differ[0])
+        running = ((cloud[:, None] - cloud[w[:j]][None]) ** 2).sum(-1).min(1).values
+        a, c = float(running[g[j]]), float(running[w[j]])
+        assert abs(a - c) <= rtol * max(a, c), (
+            f"cloud {b}, pick {j}: {int(g[j])} at {a} vs {int(w[j])} at {c}")
+
+
+def test_near_tie_comparison_accepts_only_near_ties():
+    xyz = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 0.5, 0]]])
+    want = torch.tensor([[0, 1, 3]])
+    assert_same_picks_up_to_near_ties(xyz, torch.tensor([[0, 2, 3]]), want)  # exact tie
+    with pytest.raises(AssertionError, match="pick 1"):
+        assert_same_picks_up_to_near_ties(xyz, torch.tensor([[0, 3, 1]]), want)
+
+
+@pytest.fixture
+def cuda_ops():
+    """The CUDA kernels, which must build where a GPU is present."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cuda, reason = backends.kernels("cuda")
+    assert cuda is not None, reason
+    return cuda
+
+
+# N per FPS path: 1, 2, 4, 8 and 16 points per thread in registers, then global scratch.
+FPS_SIZES = [(300, 300), (1024, 64), (2048, 128), (4096, 256), (8192, 512), (9000, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "ties", "near_origin"])
+def test_cuda_fps_matches_cpu(kind, cuda_ops):
+    rng = np.random.default_rng(5)
+    for n, npoint in FPS_SIZES:
+        xyz = torch.from_numpy(np.stack([clouds(rng, n)[kind] for _ in range(4)]))
+        want = ops.furthest_point_sample(xyz, npoint)
+        got = ops.furthest_point_sample(xyz.cuda(), npoint)  # auto: our kernels
+        assert torch.equal(got.cpu(), want), (n, npoint)
+        if backends.pointnet2()[0] is not None and kind != "ties":
+            # On grids, exact ties go by thread order there: other, equally valid picks.
+            p2 = ops.furthest_point_sample(xyz.cuda(), npoint, backend="pointnet2").cpu()
+            assert_same_picks_up_to_near_ties(xyz, p2, want)
+    assert ops.backend_info()["cuda"]["furthest_point_sample"] == "kernels"
+
+
+# k per kNN list size (16, 32, 64, 128), each with both variants.
+KNN_CASES = [(2048, 128, 16), (2048, 128, 32), (1024, 64, 64), (300, 40, 100), (9000, 33, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["random", "ties", "near_origin"])
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["auto", "thread", "warp"])
+def test_cuda_knn_matches_cpu(kind, variant, cuda_ops):
+    rng = np.random.default_rng(8)
+    for n, m, k in KNN_CASES:
+        ref = torch.from_numpy(np.stack([clouds(rng, n)[kind] for _ in range(3)]))
+        query = torch.cat([ref[:, :m // 2], ref[:, -(m - m // 2):] + 0.01], dim=1)
+        want_d, want_i = ops.knn(ref, query, k)
+        got_d, got_i = cuda_ops.knn(ref.cuda(), query.cuda(), k, variant)
+        assert torch.equal(got_i.cpu(), want_i), (n, m, k)
+        assert torch.equal(got_d.cpu(), want_d), (n, m, k)
+    # k > 128: the pure-torch path on the GPU, same result.
+    ref = torch.randn(2, 400, 3)
+    got = ops.knn(ref.cuda(), ref[:, :5].cuda(), 200)
+    want = ops.knn(ref, ref[:, :5], 200)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [0, 1, 2], ids=["auto", "thread", "warp"])
+def test_cuda_knn_serves_more_than_65535_clouds(variant, cuda_ops):
+    ref = torch.from_numpy(np.random.default_rng(9).integers(-2, 3, size=(70_000, 40, 3))
+                           .astype(np.float32))
+    query = ref[:, :4] + 0.25
+    want = ops.knn(ref, query, 5)
+    got = cuda_ops.knn(ref.cuda(), query.cuda(), 5, variant)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.gpu
+def test_cuda_ops_run_on_a_non_default_stream(cuda_ops):
+    xyz = torch.randn(8, 4096, 3)
+    want_fps = ops.furthest_point_sample(xyz, 256)
+    want_knn = ops.knn(xyz, xyz[:, :256], 32)[1]
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        # Produced, used and read back on `stream` only: a kernel launched on another
+        # stream would race with the copy and read garbage.
+        on_gpu = xyz.pin_memory().to("cuda", non_blocking=True)
+        query = on_gpu[:, :256].contiguous()
+        results = [ops.furthest_point_sample(on_gpu, 256), ops.knn(on_gpu, query, 32)[1]]
+        results += [cuda_ops.knn(on_gpu, query, 32, variant)[1] for variant in (1, 2)]
+        host = [r.to("cpu", non_blocking=True) for r in results]
+    stream.synchronize()
+    assert torch.equal(host[0], want_fps)
+    assert all(torch.equal(h, want_knn) for h in host[1:])
+
+
+@pytest.mark.gpu
+def test_cuda_ops_on_a_second_device(cuda_ops):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    xyz = torch.randn(4, 2048, 3)
+    want = ops.furthest_point_sample(xyz, 128), ops.knn(xyz, xyz[:, :64], 16)[1]
+    with torch.cuda.device(0):  # the current device is not the tensors'
+        on_1 = xyz.to("cuda:1")
+        fps = ops.furthest_point_sample(on_1, 128)
+        idx = ops.knn(on_1, on_1[:, :64], 16)[1]
+        assert fps.device == idx.device == torch.device("cuda:1")
+        if backends.pointnet2()[0] is not None:
+            p2 = ops.furthest_point_sample(on_1, 128, backend="pointnet2")
+            assert p2.device == on_1.device
+            assert_same_picks_up_to_near_ties(xyz, p2.cpu(), want[0])
+    assert torch.equal(fps.cpu(), want[0]) and torch.equal(idx.cpu(), want[1])
+
+
+@pytest.mark.gpu
+def test_cuda_grouping_under_torch_compile(cuda_ops):
+    torch._dynamo.reset()
+    xyz = torch.randn(4, 1024, 3, device="cuda")
+    compiled = torch.compile(group, fullgraph=True)
+    for got, want in zip(compiled(xyz, 64, 32), group(xyz, 64, 32), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_torch_impl_knn_chunks_agree(monkeypatch):
     """The fallback bounds memory by splitting queries; the split must not change results."""
     ref, query = torch.randn(2, 200, 3), torch.randn(2, 90, 3)
