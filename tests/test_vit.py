@@ -7,8 +7,10 @@ reference our converter must agree with.
 """
 import numpy as np
 import pytest
+import timm
 import torch
 
+from pointclora.models import build_model
 from pointclora.models.checkpoint import CheckpointError, CheckpointNotFoundError
 from pointclora.models.vit import GOOGLE_MEAN, build_vit, load_vit_weights
 
@@ -116,11 +118,19 @@ def test_timm_state_dict_files(tmp_path, suffix):
         from safetensors.torch import save_file
 
         save_file(source.state_dict(), str(path))
-    model = build_vit(cls_dim=5, pretrained=path, **TINY)
-    report = model.pointclora_load_report
-    assert report.head_loaded and len(report.loaded) == len(source.state_dict())
+    model = build_model({"name": "timm_vit", "cls_dim": 5, "pretrained": str(path), **TINY})
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.eval()(x), source(x))
+    assert type(model) is type(timm.create_model("vit_tiny_patch16_224"))  # the stock class
+    report = load_vit_weights(tiny(seed=1), path)
+    assert report.head_loaded and len(report.loaded) == len(source.state_dict())
+
+
+def test_config_options_are_checked():
+    with pytest.raises(ValueError, match="unknown model option.*trust_pickle"):
+        build_model({"name": "timm_vit", "trust_pickle": True, **TINY})
+    with pytest.raises(ValueError, match="not a timm architecture"):
+        build_vit(arch="vit_bsae_patch16_224")
 
 
 def test_wrong_files_are_refused(tmp_path):

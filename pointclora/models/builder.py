@@ -30,6 +30,6 @@ def build_model(cfg_model: Mapping, trust_pickle: bool = False) -> nn.Module:
         raise ValueError(f"unknown model option(s) {unknown} for {name}; valid options: "
                          f"{['name', *valid, 'pretrained']}")
     model = cls(**cfg)
-    if pretrained:
-        load_pretrained(model, pretrained, trust_pickle=trust_pickle)
+    if pretrained:  # a backbone may bring its own loader (timm ViTs: Google's npz files)
+        getattr(cls, "load_weights", load_pretrained)(model, pretrained, trust_pickle=trust_pickle)
     return model

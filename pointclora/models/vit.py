@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, CheckpointNotFoundError, LoadReport, read_state_dict
+from .registry import register_backbone
 
 logger = logging.getLogger("pointclora")
 
@@ -49,28 +50,27 @@ def _timm():
     return timm
 
 
+@register_backbone("timm_vit")
 def build_vit(cls_dim: int = 1000, arch: str = DEFAULT_ARCH, img_size: int | None = None,
-              drop_path_rate: float = 0.1, pretrained: str | Path | None = None,
-              strict: bool = True, trust_pickle: bool = False, **timm_kwargs) -> nn.Module:
-    """A stock timm ViT ``arch`` with a ``cls_dim``-way head, weights from a local file.
+              patch_size: int | None = None, embed_dim: int | None = None,
+              depth: int | None = None, num_heads: int | None = None,
+              drop_path_rate: float = 0.1) -> nn.Module:
+    """``model.name: timm_vit``: the stock timm ViT ``arch`` with a ``cls_dim``-way head.
 
-    ``timm.create_model(..., pretrained=False)`` is called: no download ever happens. Other
-    keywords (``depth``, ``embed_dim``, ``num_heads``, ...) go to timm, for small models.
-    ``pretrained`` is loaded with :func:`load_vit_weights`; the report is on
-    ``model.pointclora_load_report``.
+    ``timm.create_model(..., pretrained=False)``: no download ever happens; weights come
+    from ``model.pretrained`` through :func:`load_vit_weights`. ``img_size``,
+    ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` override the architecture's
+    values when set (small models for tests and the demo).
     """
     timm = _timm()
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise ValueError(f"model.arch={arch!r} is not a timm architecture (e.g. {close})")
-    if img_size is not None:
-        timm_kwargs["img_size"] = img_size
-    model = timm.create_model(arch, pretrained=False, num_classes=cls_dim,
-                              drop_path_rate=drop_path_rate, **timm_kwargs)
-    if pretrained:
-        model.pointclora_load_report = load_vit_weights(model, pretrained, strict=strict,
-                                                        trust_pickle=trust_pickle)
-    return model
+    sizes = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                 num_heads=num_heads)
+    return timm.create_model(arch, pretrained=False, num_classes=cls_dim,
+                             drop_path_rate=drop_path_rate,
+                             **{k: v for k, v in sizes.items() if v is not None})
 
 
 # ---- Google's npz layout -----------------------------------------------------------------
@@ -256,6 +256,9 @@ def load_vit_weights(model: nn.Module, path: str | Path, strict: bool = True,
         logger.warning("%s: %d missing and %d unexpected key(s)", path, len(missing),
                        len(unexpected))
     return report
+
+
+build_vit.load_weights = load_vit_weights  # build_model loads model.pretrained with it
 
 
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
