@@ -258,9 +258,9 @@ def test_bad_methods_and_options_are_refused(backbone):
         (("full",), {"train_head": False}, r"valid: \(none\)"),
         (("lora",), {"r": 0}, "r must be an int >= 1"),
         (("lora",), {"train_head": "yes"}, "train_head must be a bool"),
-        (("clora",), {"sade_similarity": "l2"}, "valid: cross_gram, cosine"),
+        (("clora",), {"sade_similarity": "l2"}, "must be one of cross_gram, cosine, output_cov"),
         (("clora",), {"sade_weight": "1e-3"}, "YAML"),
-        (("aoft",), {"init": "zeros"}, "valid: unit, identity"),
+        (("aoft",), {"init": "zeros"}, "must be one of unit, identity"),
         (("lora",), {"target_modules": ["attn.nothing"]}, "matches no nn.Linear"),
         (("aoft",), {"r": 500}, "exceeds"),
         (("clora",), {"r": 500}, "exceeds"),
@@ -329,7 +329,7 @@ def test_any_module_tree_by_name_pattern():
         assert list(net.state_dict()) == keys
         torch.testing.assert_close(net(x), adapted, atol=1e-6, rtol=0)
         reference = adapted
-    with pytest.raises(ValueError, match="no parameters under 'cls_head_finetune'"):
+    with pytest.raises(ValueError, match="no adapter default 'head'.*train_head=False"):
         apply_adapter(net, "lora", target_modules=["0"])
 
 

@@ -1,8 +1,9 @@
 """Inject, merge, save and load adapters on any module tree by module-name pattern.
 
-The adapter state lives on the model itself: wrapper modules in place of the targeted
-``nn.Linear`` layers, CLoRA's shared bank as ``model.clora_bank``, and the resolved
-method config as the plain attribute ``model.pointclora_adapter`` (not in the state dict).
+The methods come from the registry (``registry.py``; one module per method). The adapter
+state lives on the model itself: wrapper modules in place of the targets, the method's
+shared modules (CLoRA's ``model.clora_bank``) and the resolved method config as the plain
+attribute ``model.pointclora_adapter`` (not in the state dict).
 """
 from __future__ import annotations
 
@@ -18,97 +19,24 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pointclora.models import HEAD_PREFIX
+from .base import BASE_LAYER, AdapterLayer
+from .registry import Method, get_method, model_defaults
 
-from . import aoft, clora
-from .aoft import AOFTLinear
-from .base import BASE_LAYER, LowRankLinear
-from .clora import CLoRABank, CLoRALinear
-from .lora import LoRALinear
-from .serial_lora import SerialLoRALinear
-
-METHODS = ("full", "linear", "lora", "clora", "serial_lora", "aoft")
-TOKEN_NAMES = ("cls_token", "cls_pos")
 CONFIG_ATTR = "pointclora_adapter"
-BANK_ATTR = "clora_bank"
 FORMAT = "pointclora-adapter"
 FORMAT_VERSION = 1
 
-_FROZEN_BACKBONE = {"train_head": True, "train_tokens": True, "freeze_bn_stats": True}
-_LOW_RANK = {"target_modules": ["attn.qkv", "attn.proj"], "split_qkv": True, "r": 8}
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "linear": {"train_tokens": False, "freeze_bn_stats": True},
-    "lora": {**_FROZEN_BACKBONE, **_LOW_RANK, "alpha": 16.0},
-    "clora": {
-        **_FROZEN_BACKBONE,
-        **_LOW_RANK,
-        "p": 4,
-        "init": "orthonormal",
-        "sade_weight": 1e-3,
-        "sade_similarity": "cross_gram",
-        "sade_eps": 1e-8,
-    },
-    "serial_lora": {**_FROZEN_BACKBONE, "target_modules": ["attn.qkv"], "r": 8, "alpha": 16.0},
-    "aoft": {**_FROZEN_BACKBONE, **_LOW_RANK, "init": "unit"},
-}
-_CHOICES = {
-    ("clora", "init"): clora.INITS,
-    ("clora", "sade_similarity"): clora.SIMILARITIES,
-    ("aoft", "init"): aoft.INITS,
-}
 
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-_VALUE_CHECKS = {
-    "train_head": (lambda v: isinstance(v, bool), "a bool"),
-    "train_tokens": (lambda v: isinstance(v, bool), "a bool"),
-    "freeze_bn_stats": (lambda v: isinstance(v, bool), "a bool"),
-    "split_qkv": (lambda v: isinstance(v, bool), "a bool"),
-    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
-    "p": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
-    "alpha": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "sade_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (YAML: write 1.0e-3)"),
-    "sade_eps": (lambda v: _is_number(v) and v > 0, "a number > 0 (YAML: write 1.0e-8)"),
-    "target_modules": (
-        lambda v: isinstance(v, str)
-        or (isinstance(v, (list, tuple)) and v and all(isinstance(t, str) for t in v)),
-        "a regex string or a non-empty list of module-name suffixes",
-    ),
-}
-
-
-def resolve_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults filled in and every value checked; raises ValueError naming what is wrong."""
-    if method not in METHODS:
-        raise ValueError(f"unknown adapter method {method!r}; valid methods: {', '.join(METHODS)}")
-    defaults = DEFAULT_OPTIONS[method]
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        valid = ", ".join(defaults) or "(none)"
-        raise ValueError(
-            f"unknown option(s) {unknown} for adapter method {method!r}; valid: {valid}"
-        )
-    resolved = {**copy.deepcopy(defaults), **options}
-    for name, value in resolved.items():
-        choices = _CHOICES.get((method, name))
-        if choices is not None:
-            if value not in choices:
-                raise ValueError(f"{method} option {name}={value!r}; valid: {', '.join(choices)}")
-            continue
-        check, expected = _VALUE_CHECKS[name]
-        if not check(value):
-            raise ValueError(f"{method} option {name} must be {expected}, got {value!r}")
-    if isinstance(resolved.get("target_modules"), tuple):
-        resolved["target_modules"] = list(resolved["target_modules"])
-    return resolved
+def resolve_options(method: str, options: Mapping[str, Any],
+                    model: nn.Module | None = None) -> dict[str, Any]:
+    """Defaults filled in and every value checked (and, given ``model``, the options the
+    model declares defaults for); raises ValueError naming what is wrong."""
+    resolved = get_method(method).Options.from_dict(options)
+    return (resolved.bind(model) if model is not None else resolved).to_dict()
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any] | None:
-    """``{"method", "options"}`` of the adapter the model carries, or None."""
+    """``{"method", "options", "shared"}`` of the adapter the model carries, or None."""
     cfg = getattr(model, CONFIG_ATTR, None)
     return copy.deepcopy(cfg) if cfg is not None else None
 
@@ -120,8 +48,17 @@ def _require_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def _in_head(name: str) -> bool:
-    return name == HEAD_PREFIX or name.startswith(HEAD_PREFIX + ".")
+def _matches(name: str, pattern: list[str] | str) -> bool:
+    """A regex matches the full name, a list entry the name or a suffix at a ``.``."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == t or name.endswith("." + t) for t in pattern)
+
+
+def _owned_by(param: str, pattern: list[str] | str) -> bool:
+    """The parameter, or a module that holds it, matches ``pattern``."""
+    parts = param.split(".")
+    return any(_matches(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
 def _official_name(key: str) -> str:
@@ -129,16 +66,16 @@ def _official_name(key: str) -> str:
     return key.replace(f".{BASE_LAYER}.", ".").removeprefix(f"{BASE_LAYER}.")
 
 
-def _matching_linears(model: nn.Module, targets: str | list[str]) -> list[str]:
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
-    if isinstance(targets, str):
-        found = [n for n in linears if re.fullmatch(targets, n)]
-    else:
-        found = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+def _matching_modules(model: nn.Module, method: Method) -> list[str]:
+    targets, types = method.targets(), method.target_types
+    candidates = [n for n, m in model.named_modules() if isinstance(m, types) and n]
+    found = [n for n in candidates if _matches(n, targets)]
     if not found:
+        kinds = "/".join(("nn." if t.__module__.startswith("torch.nn") else "") + t.__name__
+                         for t in types)
         raise ValueError(
-            f"target_modules={targets!r} matches no nn.Linear of the model; "
-            f"its linear layers include: {', '.join(linears[:8]) or '(none)'}"
+            f"target_modules={targets!r} matches no {kinds} of the model; "
+            f"its {kinds} layers include: {', '.join(candidates[:8]) or '(none)'}"
         )
     return found
 
@@ -148,30 +85,18 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _wrapper_factory(method: str, o: dict[str, Any], bank: CLoRABank | None):
-    if method == "lora":
-        return lambda lin, n: LoRALinear(lin, o["r"], o["alpha"], n)
-    if method == "serial_lora":
-        return lambda lin, n: SerialLoRALinear(lin, o["r"], o["alpha"])
-    if method == "aoft":
-        return lambda lin, n: AOFTLinear(lin, o["r"], n, init=o["init"])
-    return lambda lin, n: CLoRALinear(
-        lin, bank, n, o["sade_weight"], o["sade_similarity"], o["sade_eps"]
-    )
-
-
-def _inject(model: nn.Module, method: str, o: dict[str, Any]) -> None:
+def _inject(model: nn.Module, method: Method) -> None:
     """Build every wrapper first, so that a bad target leaves the model untouched."""
-    names = _matching_linears(model, o["target_modules"])
-    bank = CLoRABank(o["p"], o["r"], init=o["init"]) if method == "clora" else None
-    build = _wrapper_factory(method, o, bank)
     wrappers = {}
-    for name in names:
-        linear = model.get_submodule(name)
-        n_slices = 3 if o.get("split_qkv") and name.rpartition(".")[2] == "qkv" else 1
-        wrappers[name] = build(linear, n_slices).to(linear.weight)
-    if bank is not None:
-        model.add_module(BANK_ATTR, bank.to(linear.weight))
+    reference = next(iter(model.parameters()), None)
+    if method.targets() is not None:
+        for name in _matching_modules(model, method):
+            module = model.get_submodule(name)
+            reference = next(iter(module.parameters()), reference)
+            wrapper = method.wrap(name, module)
+            wrappers[name] = wrapper.to(reference) if reference is not None else wrapper
+    for name, shared in method.shared_modules().items():
+        model.add_module(name, shared.to(reference) if reference is not None else shared)
     for name, wrapper in wrappers.items():
         _replace(model, name, wrapper)
 
@@ -193,26 +118,18 @@ def _stats_frozen(module: nn.Module) -> bool:
     return isinstance(vars(module).get("train"), _EvalOnlyTrain)
 
 
-def _set_trainable(model: nn.Module, method: str, o: dict[str, Any]) -> None:
-    if method == "full":
+def _set_trainable(model: nn.Module, method: Method, created: set[int]) -> None:
+    """Full fine-tuning trains everything; otherwise the parameters the injection
+    ``created`` train, and those the options keep (head, tokens, ``modules_to_save``)."""
+    if method.trains_backbone:
         model.requires_grad_(True)
         return
     model.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LowRankLinear):
-            for name, param in module.named_parameters():
-                param.requires_grad_(not name.startswith(BASE_LAYER + "."))
-        elif isinstance(module, CLoRABank):
-            module.requires_grad_(True)
-    params = dict(model.named_parameters())
-    if o.get("train_head", True):
-        for name, param in params.items():
-            if _in_head(name):
-                param.requires_grad_(True)
-    if o["train_tokens"]:
-        for name in TOKEN_NAMES:
-            params[name].requires_grad_(True)
-    if o["freeze_bn_stats"]:
+    kept = method.options.kept_trainable()
+    for name, param in model.named_parameters():
+        if id(param) in created or any(_owned_by(name, k) for k in kept):
+            param.requires_grad_(True)
+    if method.options.freeze_bn_stats:
         for module in model.modules():
             if isinstance(module, _BatchNorm) and not any(
                 p.requires_grad for p in module.parameters(recurse=False)
@@ -221,51 +138,53 @@ def _set_trainable(model: nn.Module, method: str, o: dict[str, Any]) -> None:
                 module.train(False)
 
 
-def _check_trainable_exist(model: nn.Module, method: str, o: dict[str, Any]) -> None:
-    names = {n for n, _ in model.named_parameters()}
-    if method != "full" and o.get("train_head", True) and not any(map(_in_head, names)):
-        hint = "" if method == "linear" else "; pass train_head=False for a model without it"
-        raise ValueError(f"the model has no parameters under {HEAD_PREFIX!r}{hint}")
-    missing = [t for t in TOKEN_NAMES if t not in names]
-    if o.get("train_tokens") and missing:
-        raise ValueError(
-            f"the model has no parameter(s) {missing}; pass train_tokens=False for such a model"
-        )
+def _check_kept_exist(model: nn.Module, method: Method) -> None:
+    """Every name the options keep trainable matches a parameter (typos fail loudly)."""
+    if method.trains_backbone:
+        return
+    o = method.options
+    names = [n for n, _ in model.named_parameters()]
+    kept = {"head": o.head if o.train_head else None,
+            "tokens": o.tokens if o.train_tokens else None,
+            "modules_to_save": o.modules_to_save}
+    for option_name, pattern in kept.items():
+        entries = [pattern] if isinstance(pattern, str) else [[e] for e in pattern or ()]
+        for entry in entries:
+            if not any(_owned_by(n, entry) for n in names):
+                switch = {"head": "train_head", "tokens": "train_tokens"}.get(option_name)
+                hint = f", or pass {switch}=False" if switch else ""
+                raise ValueError(
+                    f"{option_name}={pattern!r}: {entry!r} matches no parameter of "
+                    f"{type(model).__name__}; name what it should keep trainable{hint}")
 
 
 def apply_adapter(model: nn.Module, method: str, **options: Any) -> nn.Module:
     """Freeze the backbone and inject the adapter ``method`` in place; returns ``model``.
 
-    Options (defaults in ``DEFAULT_OPTIONS``; docs/methods.md has the full table):
-
-    - ``train_head`` (True), ``train_tokens`` (True; False for ``linear``): keep the
-      ``cls_head_finetune`` head and ``cls_token``/``cls_pos`` trainable.
-    - ``freeze_bn_stats`` (True): BatchNorm layers with no trainable parameter stay in
-      eval mode, so their running statistics keep the pre-trained values.
-    - ``target_modules`` (``["attn.qkv", "attn.proj"]``; ``["attn.qkv"]`` for
-      ``serial_lora``): module-name suffixes, or one regex matched against full names.
-    - ``split_qkv`` (True): a target called ``qkv`` (last name part) gets separate q, k, v modules.
-    - ``r`` (8) rank; ``alpha`` (16) LoRA scale numerator, ``s = alpha / r``.
-    - CLoRA: ``p`` (4) shared spaces, ``init`` (``orthonormal`` | ``normal``) of the
-      spaces, ``sade_weight`` (1e-3), ``sade_similarity`` (``cross_gram`` | ``cosine``),
-      ``sade_eps`` (1e-8).
-    - AOFT: ``init`` (``unit`` | ``identity``) of the generating vectors.
-
-    At return the model computes exactly what it computed before.
+    ``options`` are the fields of the method's options class (``DEFAULT_OPTIONS[method]``;
+    docs/methods.md has the table). ``None`` for ``target_modules``, ``head`` and
+    ``tokens`` means what the model declares (``adapter_defaults`` on its class, or
+    ``register_model_defaults``). At return the model computes exactly what it computed
+    before; a failed call leaves it untouched.
     """
-    o = resolve_options(method, options)
+    spec = get_method(method)
+    bound = spec.Options.from_dict(options).bind(model)
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError(
             f"the model already carries a {getattr(model, CONFIG_ATTR)['method']!r} adapter; "
             "merge_adapter(model) first or start from a fresh model"
         )
-    if method == "clora" and hasattr(model, BANK_ATTR):
-        raise ValueError(f"the model already has an attribute {BANK_ATTR!r}")
-    _check_trainable_exist(model, method, o)
-    if method in ("lora", "clora", "serial_lora", "aoft"):
-        _inject(model, method, o)
-    _set_trainable(model, method, o)
-    setattr(model, CONFIG_ATTR, {"method": method, "options": o})
+    instance = spec(bound)
+    shared = list(instance.shared_modules())
+    taken = [name for name in shared if hasattr(model, name)]
+    if taken:
+        raise ValueError(f"the model already has attribute(s) {taken} that {method} registers")
+    _check_kept_exist(model, instance)
+    before = {id(p) for p in model.parameters()}
+    _inject(model, instance)
+    created = {id(p) for p in model.parameters()} - before
+    _set_trainable(model, instance, created)
+    setattr(model, CONFIG_ATTR, {"method": method, "options": bound.to_dict(), "shared": shared})
     return model
 
 
@@ -275,9 +194,9 @@ def _device(model: nn.Module) -> torch.device:
 
 def regularization_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the adapters' weighted regularisers (SADE for CLoRA); a zero tensor otherwise."""
-    by_class: dict[type, list[LowRankLinear]] = {}
+    by_class: dict[type, list[AdapterLayer]] = {}
     for m in model.modules():
-        if isinstance(m, LowRankLinear):
+        if isinstance(m, AdapterLayer):
             by_class.setdefault(type(m), []).append(m)
     terms = [t for cls, modules in by_class.items()
              if (t := cls.total_regularization(modules)) is not None]
@@ -292,12 +211,13 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     The result is a plain backbone: the official state-dict keys, every parameter
     trainable again, every BatchNorm following ``train()``/``eval()`` as usual.
     """
-    _require_config(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
-            _replace(model, name, module.merge())
-    if isinstance(getattr(model, BANK_ATTR, None), CLoRABank):
-        delattr(model, BANK_ATTR)
+    cfg = _require_config(model)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    merged = [(n, m.merge()) for n, m in layers]  # a method that cannot merge fails here
+    for name, module in merged:
+        _replace(model, name, module)
+    for name in cfg["shared"]:
+        delattr(model, name)
     for module in model.modules():
         if _stats_frozen(module):
             del module.train
@@ -307,14 +227,24 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+def _head(model: nn.Module) -> list[str] | str | None:
+    """The task head's names: the adapter's ``head`` option, else the model's declared one."""
+    options = getattr(model, CONFIG_ATTR, {}).get("options", {})
+    head = options.get("head")
+    return head if head is not None else model_defaults(model).get("head")
+
+
 def parameter_report(model: nn.Module) -> dict[str, int]:
-    """Parameter counts: ``total``, ``trainable`` and ``trainable_no_head``."""
+    """Parameter counts: ``total``, ``trainable`` and ``trainable_no_head`` (no head known:
+    nothing is counted as head)."""
     named = list(model.named_parameters())
     trainable = [(n, p) for n, p in named if p.requires_grad]
+    head = _head(model)
     return {
         "total": sum(p.numel() for _, p in named),
         "trainable": sum(p.numel() for _, p in trainable),
-        "trainable_no_head": sum(p.numel() for n, p in trainable if not _in_head(n)),
+        "trainable_no_head": sum(p.numel() for n, p in trainable
+                                 if head is None or not _owned_by(n, head)),
     }
 
 
@@ -391,7 +321,7 @@ def load_adapter(model: nn.Module, path_or_dict: str | os.PathLike | Mapping) ->
     """
     payload, source = _read_payload(path_or_dict)
     method = payload["method"]
-    options = resolve_options(method, payload["options"])
+    options = resolve_options(method, payload["options"], model)
     stored = dict(payload["state_dict"])
     current = getattr(model, CONFIG_ATTR, None)
     if current is not None and (current["method"], current["options"]) != (method, options):

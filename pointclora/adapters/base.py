@@ -71,7 +71,28 @@ def _effective_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor
     return weight + (up @ down).reshape(weight.shape).to(weight.dtype)
 
 
-class LowRankLinear(nn.Module):
+class AdapterLayer(nn.Module):
+    """A module an adapter method puts in place of a target: it keeps the target as
+    ``base_layer`` (so state-dict keys map back to the plain model's), may contribute a
+    regulariser, and folds itself back into a plain module with ``merge()``."""
+
+    def regularization(self) -> torch.Tensor | None:
+        """Weighted regulariser of this module, or None when the method has none."""
+        return None
+
+    @classmethod
+    def total_regularization(cls, modules: list[AdapterLayer]) -> torch.Tensor | None:
+        """Sum of ``regularization()`` over ``modules`` (all of this class); subclasses may
+        compute it in fewer, larger operations."""
+        terms = [t for m in modules if (t := m.regularization()) is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def merge(self) -> nn.Module:
+        """The plain module computing what this one computes."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into its layer")
+
+
+class LowRankLinear(AdapterLayer):
     """A frozen linear layer plus a learned weight delta.
 
     ``n_slices`` splits the output rows into equal slices that are adapted independently,
@@ -103,17 +124,6 @@ class LowRankLinear(nn.Module):
         """``Delta W`` in ``nn.Linear`` layout ``(out_features, in_features)``."""
         up, down = self.factors()
         return (up @ down).reshape(self.out_features, self.in_features)
-
-    def regularization(self) -> torch.Tensor | None:
-        """Weighted regulariser of this module, or None when the method has none."""
-        return None
-
-    @classmethod
-    def total_regularization(cls, modules: list[LowRankLinear]) -> torch.Tensor | None:
-        """Sum of ``regularization()`` over ``modules`` (all of this class); subclasses may
-        compute it in fewer, larger operations."""
-        terms = [t for m in modules if (t := m.regularization()) is not None]
-        return torch.stack(terms).sum() if terms else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():

@@ -3,18 +3,30 @@
 Row-vector convention (``y = x W``): the bank holds ``p`` down spaces ``D_h (d_in, r)``
 per input size and ``p`` up spaces ``U_h (r, d_out)`` per output size, shared by every
 low-rank module (LRM). LRM ``j`` owns ``Q_h^j (r, r)`` and
-``Delta W_j = sum_h D_h Q_h^j U_h`` (rank up to ``p r``). SADE penalises the similarity
+``Delta W_j = alpha sum_h D_h Q_h^j U_h`` (rank up to ``p r``). SADE penalises the similarity
 of the ``p`` parts ``A_h = D_h Q_h^j U_h`` of each LRM, computed from ``r x r`` Gram
 matrices (``O(p^2 r^2 d)``) instead of the ``d x d`` products.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .base import LowRankLinear
+from .registry import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    Method,
+    SplitQKVOptions,
+    choice,
+    option,
+    register_method,
+)
 
-SIMILARITIES = ("cross_gram", "cosine")
+SIMILARITIES = ("cross_gram", "cosine", "output_cov")
 INITS = ("orthonormal", "normal")
 
 
@@ -68,6 +80,7 @@ def sade(
 
     ``down (p, d_in, r)``, ``up (p, r, d_out)``, ``q (m, p, r, r)``.
     ``cross_gram``: ``||A_h A_k^T||_F^2 / (||A_h||_F^2 ||A_k||_F^2 + eps)``;
+    ``output_cov``: ``||A_h^T A_k||_F^2 / (...)``, the outputs' cross-covariance;
     ``cosine``: ``<A_h, A_k>_F^2 / (||A_h||_F^2 ||A_k||_F^2 + eps)``.
     """
     if similarity not in SIMILARITIES:
@@ -83,13 +96,21 @@ def sade(
     denom = sq_norm[:, :, None] * sq_norm[:, None, :] + eps
     if similarity == "cosine":
         num = inner.square()
+    elif similarity == "cross_gram":
+        # A_h A_k^T = D_h M D_k^T, M = Q_h GU_hk Q_k^T
+        num = _sandwich_sq_norm(gd, q[:, :, None] @ gu[None] @ q[:, None].transpose(-1, -2))
     else:
-        # A_h A_k^T = D_h M D_k^T, M = Q_h GU_hk Q_k^T; ||.||_F^2 = <GD_hh M GD_kk, M>_F
-        m = q[:, :, None] @ gu[None] @ q[:, None].transpose(-1, -2)
-        g_diag = gd.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # GD_hh, (p, r, r)
-        num = ((g_diag[None, :, None] @ m @ g_diag[None, None, :]) * m).sum((-2, -1))
+        # A_h^T A_k = U_h^T N U_k, N = Q_h^T GD_hk Q_k
+        num = _sandwich_sq_norm(gu, q[:, :, None].transpose(-1, -2) @ gd[None] @ q[:, None])
     off_diag = ~torch.eye(p, dtype=torch.bool, device=q.device)
     return (num / denom)[:, off_diag].sum()
+
+
+def _sandwich_sq_norm(gram: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``||X_h M_hk X_k^T||_F^2 = <G_hh M_hk G_kk, M_hk>_F`` with ``G_hk = X_h^T X_k``
+    (``gram (p, p, r, r)``, ``m (j, p, p, r, r)``): no product of the layer's size."""
+    g = gram.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # G_hh, (p, r, r)
+    return ((g[None, :, None] @ m @ g[None, None, :]) * m).sum((-2, -1))
 
 
 class CLoRALinear(LowRankLinear):
@@ -103,6 +124,7 @@ class CLoRALinear(LowRankLinear):
         sade_weight: float = 0.0,
         sade_similarity: str = "cross_gram",
         sade_eps: float = 1e-8,
+        alpha: float = 1.0,
     ):
         super().__init__(base_layer, n_slices)
         if sade_similarity not in SIMILARITIES:
@@ -116,16 +138,19 @@ class CLoRALinear(LowRankLinear):
         self.sade_weight, self.sade_similarity, self.sade_eps = (
             sade_weight, sade_similarity, sade_eps
         )
+        self.alpha = alpha
 
     def _spaces(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.bank.down[str(self.in_features)], self.bank.up[str(self.slice_out)]
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``up = [U_1; ...; U_p]^T`` (shared by the slices), ``down_j = [D_h Q_h^j]_h^T``."""
+        """``up = alpha [U_1; ...; U_p]^T`` (shared by the slices), ``down_j = [D_h Q_h^j]_h^T``."""
         down, up = self._spaces()
         p, r = self.bank.p, self.bank.r
         dq = torch.einsum("hir,jhrs->jhsi", down, self.clora_Q)  # (D_h Q_h^j)^T
         up = up.reshape(p * r, self.slice_out).t()
+        if self.alpha != 1:
+            up = self.alpha * up
         return up.expand(self.n_slices, -1, -1), dq.reshape(self.n_slices, p * r, -1)
 
     def regularization(self) -> torch.Tensor | None:
@@ -154,4 +179,35 @@ class CLoRALinear(LowRankLinear):
         return torch.stack(terms).sum() if terms else None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.bank.p}, r={self.bank.r}"
+        return f"{super().extra_repr()}, p={self.bank.p}, r={self.bank.r}, alpha={self.alpha}"
+
+
+@dataclass
+class CLoRAOptions(SplitQKVOptions):
+    p: int = option(4, POSITIVE_INT, "number of shared spaces")
+    init: str = option("orthonormal", choice(*INITS), "init of the shared spaces")
+    sade_weight: float = option(1e-3, NON_NEGATIVE, "lambda, weight of SADE in the loss")
+    sade_similarity: str = option("cross_gram", choice(*SIMILARITIES),
+                                  "the similarity SADE penalises")
+    sade_eps: float = option(1e-8, POSITIVE, "stabiliser of the SADE denominator")
+    alpha: float = option(1.0, POSITIVE, "scale of Delta W (direct, not divided by r)")
+
+
+@register_method
+class CLoRA(Method):
+    """Every wrapper draws its spaces from one bank, registered as ``model.clora_bank``."""
+
+    name = "clora"
+    Options = CLoRAOptions
+
+    def __init__(self, options: CLoRAOptions):
+        super().__init__(options)
+        self.bank = CLoRABank(options.p, options.r, init=options.init)
+
+    def shared_modules(self) -> dict[str, nn.Module]:
+        return {"clora_bank": self.bank}
+
+    def wrap(self, name: str, module: nn.Linear) -> CLoRALinear:
+        o = self.options
+        return CLoRALinear(module, self.bank, o.n_slices(name), o.sade_weight,
+                           o.sade_similarity, o.sade_eps, o.alpha)

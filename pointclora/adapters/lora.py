@@ -1,10 +1,13 @@
 """LoRA: ``y = W x + s B A x`` with ``s = alpha / r`` and ``B = 0`` at the start."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .base import LowRankLinear, low_rank_pair
+from .registry import POSITIVE, Method, SplitQKVOptions, option, register_method
 
 
 class LoRALinear(LowRankLinear):
@@ -18,3 +21,18 @@ class LoRALinear(LowRankLinear):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scaling * self.lora_B, self.lora_A
+
+
+@dataclass
+class LoRAOptions(SplitQKVOptions):
+    alpha: float = option(16.0, POSITIVE, "scale numerator, s = alpha / r")
+
+
+@register_method
+class LoRA(Method):
+    name = "lora"
+    Options = LoRAOptions
+
+    def wrap(self, name: str, module: nn.Linear) -> LoRALinear:
+        o = self.options
+        return LoRALinear(module, o.r, o.alpha, o.n_slices(name))

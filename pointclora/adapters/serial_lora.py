@@ -6,10 +6,14 @@ merged weight is ``W (I + s B A)``, i.e. ``Delta W = s W B A``, whose factors ar
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
 from .base import LowRankLinear, low_rank_pair
+from .registry import POSITIVE, LowRankOptions, Method, option, register_method
 
 
 class SerialLoRALinear(LowRankLinear):
@@ -26,3 +30,27 @@ class SerialLoRALinear(LowRankLinear):
         weight = self.base_layer.weight
         up = self.scaling * (weight @ self.serial_B.to(weight.dtype))
         return up[None], self.serial_A[None].to(weight.dtype)
+
+
+@dataclass
+class SerialLoRAOptions(LowRankOptions):
+    alpha: float = option(16.0, POSITIVE, "scale numerator, s = alpha / r")
+
+    @classmethod
+    def model_default(cls, key: str, value: Any) -> Any:
+        """By default the pair sits before the fused q, k, v projection only (the model's
+        default targets whose last name part is ``qkv``), not before the output projection."""
+        if key != "target_modules" or value is None:
+            return value
+        fused = [t for t in value if t.rpartition(".")[2] == "qkv"] if isinstance(value, list) \
+            else []  # a regex cannot be narrowed: the user names the targets
+        return fused or None
+
+
+@register_method
+class SerialLoRA(Method):
+    name = "serial_lora"
+    Options = SerialLoRAOptions
+
+    def wrap(self, name: str, module: nn.Linear) -> SerialLoRALinear:
+        return SerialLoRALinear(module, self.options.r, self.options.alpha)
