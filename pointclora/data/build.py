@@ -17,7 +17,9 @@ from .images import (
 )
 from .modelnet40 import build_modelnet40
 from .scanobjectnn import build_scanobjectnn
+from .shapenetpart import SHAPENETPART_KEYS, build_shapenetpart
 from .synthetic import SYNTHETIC_KEYS, build_synthetic
+from .synthetic_parts import SYNTHETIC_PARTS_KEYS, build_synthetic_parts
 from .vtab import VTAB_KEYS, build_vtab1k
 
 DATASETS: dict[str, Callable[[dict, str], Dataset]] = {
@@ -29,6 +31,8 @@ DATASETS: dict[str, Callable[[dict, str], Dataset]] = {
     "fgvc": build_fgvc,
     "image_folder": build_image_folder,
     "synthetic_images": build_synthetic_images,
+    "shapenetpart": build_shapenetpart,
+    "synthetic_parts": build_synthetic_parts,
 }
 # Keys each dataset reads (besides the transform keys npoints, protocol, up_axis).
 KEYS = {
@@ -42,6 +46,9 @@ KEYS = {
     "fgvc": {*FGVC_KEYS, *TRANSFORM_KEYS},
     "image_folder": {"root", "train_split", "test_split", *TRANSFORM_KEYS},
     "synthetic_images": {*SYNTHETIC_IMAGE_KEYS, *TRANSFORM_KEYS},
+    # part segmentation (docs/segmentation.md)
+    "shapenetpart": set(SHAPENETPART_KEYS),
+    "synthetic_parts": set(SYNTHETIC_PARTS_KEYS),
 }
 COMMON_KEYS = {"name", "npoints", "protocol", "up_axis"}
 

@@ -24,14 +24,6 @@ from .layers import TransformerEncoder
 from .pointnet import MiniPointNet, _batch_norm_relu, _pointwise
 from .registry import register_backbone
 
-# ShapeNetPart: category -> its part labels (the official ``seg_classes``), in category order.
-SHAPENETPART_PARTS = {
-    "Airplane": [0, 1, 2, 3], "Bag": [4, 5], "Cap": [6, 7], "Car": [8, 9, 10, 11],
-    "Chair": [12, 13, 14, 15], "Earphone": [16, 17, 18], "Guitar": [19, 20, 21],
-    "Knife": [22, 23], "Lamp": [24, 25, 26, 27], "Laptop": [28, 29],
-    "Motorbike": [30, 31, 32, 33, 34, 35], "Mug": [36, 37], "Pistol": [38, 39, 40],
-    "Rocket": [41, 42, 43], "Skateboard": [44, 45, 46], "Table": [47, 48, 49],
-}
 SEG_HEAD = ["label_conv", "propagation_0", "convs1", "convs2", "convs3", "bns1", "bns2"]
 LABEL_DIM = 64  # width of the category embedding
 
