@@ -428,3 +428,84 @@ def test_batchnorm_buffers_load(fixtures, tmp_path):
     bn = model.encoder.first_conv[1]
     assert isinstance(bn, nn.BatchNorm1d)
     assert bn.num_batches_tracked.item() == state["encoder.first_conv.1.num_batches_tracked"]
+
+
+# ---------------------------------------------------------------- this package's own run files
+
+TINY = {"name": "point_mae", "cls_dim": 3, "num_group": 4, "group_size": 8, "trans_dim": 16,
+        "depth": 1, "num_heads": 2, "encoder_dims": 16, "drop_path_rate": 0.0}
+
+
+def trained_run(tmp_path, method, pretrained):
+    """(training checkpoint as tools/train.py writes it, the trained model, the pretrained file).
+
+    "Training" moves every trainable tensor, so a file that kept the initial weights shows."""
+    from pointclora.adapters import apply_adapter
+    from pointclora.engine.checkpoint import model_payload, save_checkpoint
+
+    torch.manual_seed(0)
+    base = None
+    if pretrained:
+        base = save(tmp_path / "pretrain.pth", build_model(TINY).state_dict())
+    cfg = {"model": {**TINY, "pretrained": str(base) if base else None},
+           "adapter": {"method": method}}
+    model = build_model(cfg["model"])
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_adapter(model, method)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / "best.pth"
+    save_checkpoint({"config": cfg, "method": method, "epoch": 3,
+                     **model_payload(model, cfg, None if pretrained else init)}, path)
+    return path, model.eval(), base
+
+
+@pytest.mark.parametrize("pretrained", [False, True], ids=["scratch", "pretrained"])
+def test_adapter_run_checkpoint_as_pretrained_is_refused_with_the_commands(tmp_path, pretrained):
+    from pointclora.adapters import load_adapter
+    from pointclora.engine.checkpoint import load_checkpoint
+
+    path, trained, _ = trained_run(tmp_path, "lora", pretrained)
+    for load in (lambda: build_model({**TINY, "pretrained": str(path)}),
+                 lambda: PointMAE(**{k: v for k, v in TINY.items() if k != "name"})
+                 .load_pretrained(path)):
+        with pytest.raises(CheckpointError, match=(
+                rf"best\.pth is a PointCLoRA training checkpoint of a 'lora' run.*adapter and a "
+                rf"head.*python tools/test\.py --ckpt {re.escape(str(path))}.*load_adapter")):
+            load()
+    # The advice holds: the backbone of the run's config (its pretrained file, or the initial
+    # backbone stored with a run from scratch) plus the stored adapter is the trained model.
+    ckpt = load_checkpoint(path)
+    restored = build_model(ckpt["config"]["model"])
+    if not pretrained:
+        restored.load_state_dict(ckpt["base_model"])
+    load_adapter(restored, ckpt["adapter"])
+    points = cloud()
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(points), trained(points))
+
+
+def test_full_run_checkpoint_loads_as_pretrained(tmp_path):
+    """A `full` run stores the whole fine-tuned model: it is a fine-tuned backbone file."""
+    path, trained, _ = trained_run(tmp_path, "full", pretrained=False)
+    model = build_model({**TINY, "pretrained": str(path)}).eval()
+    with torch.no_grad():
+        assert torch.equal(model(cloud()), trained(cloud()))
+
+
+def test_adapter_file_as_pretrained_is_refused_with_a_hint(tmp_path):
+    from pointclora.adapters import adapter_state_dict, load_adapter
+
+    _, trained, base = trained_run(tmp_path, "clora", pretrained=True)
+    path = tmp_path / "adapter.pth"
+    torch.save(adapter_state_dict(trained), path)
+    with pytest.raises(CheckpointError, match=(
+            r"adapter\.pth is a PointCLoRA adapter file \(a 'clora' adapter\), not backbone "
+            r"weights: set model\.pretrained to the pre-trained file .*load_adapter\(model, ")):
+        build_model({**TINY, "pretrained": str(path)})
+    # The advice holds: the pre-trained file, then the adapter, gives the trained model.
+    model = load_adapter(build_model({**TINY, "pretrained": str(base)}), path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(cloud()), trained(cloud()))
