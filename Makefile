@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pointclora-installed
 RUN    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for b in ops cache train_step inference pipeline demo; do \
 		$(PY) benchmarks/bench_$$b.py || exit 1; done
+
+gpu-check: $(STAMP)
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

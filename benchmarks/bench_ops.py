@@ -1,4 +1,6 @@
-"""CPU throughput of FPS and kNN grouping against fpsample, Open3D and plain torch.
+"""Throughput of FPS and kNN grouping: on CPU against fpsample, Open3D and plain torch; on
+a GPU (``--device cuda``) against the pure-torch path and pointnet2_ops, plus a Point-MAE
+training step with either grouping.
 
 Two settings of the fine-tuning recipes: ScanObjectNN (32 clouds of 2048 points, 128
 centers, k=32) and ModelNet 8k (32 clouds of 8192 points, 512 centers, k=32), on real
@@ -8,6 +10,9 @@ machine drift by 15% and more. For scale, one Point-MAE forward pass (which incl
 grouping) is timed too.
 
     python benchmarks/bench_ops.py [--reps 5] [--out benchmarks/results/ops_cpu.md]
+    python benchmarks/bench_ops.py --device cuda [--out benchmarks/results/ops_cuda.md]
+
+On a GPU every timing is bracketed by device synchronisations (``common.interleaved_min``).
 
 Open3D is imported lazily; when its system libraries are missing it is skipped with a
 hint (``apt-get install -y libusb-1.0-0 libgl1 libegl1 libgomp1``).
@@ -22,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import interleaved_min, machine_description, scanobjectnn_model
 
 from pointclora import ops
+from pointclora.ops import backends
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ROOT.parent / "shared" / "data" / "modelnet40_normal_resampled_mini"
@@ -179,14 +186,166 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY {policy}), "
             f"{platform.system()} {platform.machine()}, load average {load:.1f} at start")
 
+GPU_SETTINGS = [  # name, clouds, points, centers, k
+    ("ModelNet 1k", 32, 1024, 64, 32),
+    ("ScanObjectNN", 32, 2048, 128, 32),
+    ("ModelNet 8k", 32, 8192, 512, 32),
+    ("one cloud", 1, 2048, 128, 32),
+]
+PATCHES = (65_536, 32, 16)  # per-patch kNN: B x G clouds of group_size points, k
+
+
+def with_backend(backend: str, fn):
+    """``fn`` run with POINTCLORA_OPS_BACKEND set, e.g. a model whose grouping calls ops."""
+    def run():
+        saved = os.environ.get("POINTCLORA_OPS_BACKEND")
+        os.environ["POINTCLORA_OPS_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                os.environ.pop("POINTCLORA_OPS_BACKEND")
+            else:
+                os.environ["POINTCLORA_OPS_BACKEND"] = saved
+    return run
+
+
+def gpu_fps_contenders(xyz: torch.Tensor, npoint: int) -> dict:
+    run = {"pointclora CUDA kernels": lambda: ops.furthest_point_sample(xyz, npoint),
+           "pointclora pure-torch path": lambda: ops.furthest_point_sample(xyz, npoint,
+                                                                           backend="torch")}
+    if backends.pointnet2()[0] is not None:
+        run["pointnet2_ops"] = lambda: ops.furthest_point_sample(xyz, npoint,
+                                                                 backend="pointnet2")
+    return run
+
+
+def gpu_knn_contenders(xyz: torch.Tensor, centers: torch.Tensor, k: int) -> dict:
+    run = {"pointclora CUDA kernels (auto)": lambda: ops.knn(xyz, centers, k)}
+    if xyz.is_cuda:  # both kernel variants, forced
+        cuda = torch.ops.pointclora_cuda
+        run["pointclora, thread per query"] = lambda: cuda.knn(xyz, centers, k, 1)
+        run["pointclora, warp per query"] = lambda: cuda.knn(xyz, centers, k, 2)
+    run["pointclora pure-torch path"] = lambda: ops.knn(xyz, centers, k, backend="torch")
+    run["torch.cdist + topk"] = lambda: torch.cdist(centers, xyz).topk(k, dim=-1, largest=False)
+    return run
+
+
+def fps_agreement(got: torch.Tensor, want: torch.Tensor) -> str:
+    return f"{int((got == want).all(1).sum())}/{len(want)}"
+
+
+def knn_agreement(got: tuple, want: torch.Tensor) -> str:
+    idx = got[1]
+    same = (idx == want).flatten(1).all(1)
+    as_sets = (idx.sort(-1).values == want.sort(-1).values).flatten(1).all(1)
+    return f"{int(same.sum())}/{len(want)}" + (
+        f" ({int(as_sets.sum())}/{len(want)} as sets)" if not bool(same.all()) else "")
+
+
+def gpu_rows(op: str, run: dict, device: torch.device, reps: int, agreement,
+             want: torch.Tensor) -> list[str]:
+    """Table rows of the contenders ``run``, timed interleaved, checked against ``want``."""
+    seconds = interleaved_min(run, reps, device, log=None)
+    batch = len(want)
+    return [f"| {op} | {label} | {seconds[label] * 1e3:.3f} | {seconds[label] / batch * 1e6:.1f} "
+            f"| {batch / seconds[label]:,.0f} | {agreement(run[label](), want)} |"
+            for label in run]
+
+
+def train_step_rows(device: torch.device, batch: int, reps: int) -> list[str]:
+    """One Point-MAE training step (ScanObjectNN setting, full size) with our CUDA grouping
+    and with the pure-torch grouping; the model and batch are the same."""
+    from pointclora.models import PointMAE
+
+    torch.manual_seed(0)
+    model = PointMAE(**scanobjectnn_model()).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    points = torch.randn(batch, 2048, 3, device=device)
+    labels = torch.randint(0, 15, (batch,), device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(points), labels).backward()
+        optimizer.step()
+
+    def forward():
+        with torch.no_grad():
+            model(points)
+
+    run = {f"training step, {name} grouping": with_backend(backend, step)
+           for name, backend in (("CUDA kernels", "auto"), ("pure-torch", "torch"))}
+    run |= {f"forward (no grad), {name} grouping": with_backend(backend, forward)
+            for name, backend in (("CUDA kernels", "auto"), ("pure-torch", "torch"))}
+    seconds = interleaved_min(run, reps, device, warmup=2, log=None)
+    return [f"| {label} | {seconds[label] * 1e3:.2f} | {batch / seconds[label]:,.0f} |"
+            for label in run]
+
+
+def run_gpu(args, device: torch.device) -> None:
+    info = ops.backend_info()
+    lines = ["# pointclora.ops on a GPU", "", f"Machine: {machine_description(device)}; "
+             f"CUDA {torch.version.cuda}.", "",
+             f"CUDA backend: {info[device.type]['reason']}.",
+             f"pointnet2_ops: {info['pointnet2_ops']}.",
+             "", "Minimum over interleaved repetitions, each bracketed by device "
+             "synchronisations. *agrees*: clouds whose result equals the CUDA kernels' (FPS: "
+             "the same indices in order; kNN: the same neighbours in order, as sets for "
+             "`topk`).", ""]
+    header = ["| op | implementation | ms / batch | us / cloud | clouds / s | agrees |",
+              "|---|---|---:|---:|---:|---|"]
+    for name, batch, n, npoint, k in GPU_SETTINGS:
+        clouds, source = load_clouds(batch, n)
+        xyz = torch.from_numpy(clouds).to(device)
+        lines += [f"## {name}: B={batch}, N={n}, {npoint} centers, k={k} ({source})", "",
+                  *header]
+        fps_run = gpu_fps_contenders(xyz, npoint)
+        want_fps = fps_run["pointclora CUDA kernels"]()
+        lines += gpu_rows("FPS", fps_run, device, args.reps, fps_agreement, want_fps)
+        centers = ops.gather_points(xyz, want_fps)
+        knn_run = gpu_knn_contenders(xyz, centers, k)
+        want_knn = knn_run["pointclora CUDA kernels (auto)"]()[1]
+        lines += gpu_rows("kNN", knn_run, device, args.reps, knn_agreement, want_knn)
+        lines.append("")
+        print("\n".join(lines[-(len(fps_run) + len(knn_run) + 5):]), flush=True)
+
+    clouds_n, n, k = PATCHES
+    patches = torch.randn(clouds_n, n, 3, device=device)
+    knn_run = gpu_knn_contenders(patches, patches, k)
+    want_knn = knn_run["pointclora CUDA kernels (auto)"]()[1]
+    lines += [f"## Per-patch kNN: {clouds_n:,} clouds (B x G) of {n} points, every point a "
+              f"query, k={k} (Gaussian)", "", *header]
+    lines += gpu_rows("kNN", knn_run, device, args.reps, knn_agreement, want_knn)
+    lines.append("")
+    print("\n".join(lines[-(len(knn_run) + 5):]), flush=True)
+
+    batch = args.train_batch
+    lines += [f"## Point-MAE training step (ScanObjectNN setting, full size, B={batch}, "
+              "forward + backward + AdamW)", "", "| what | ms | clouds / s |", "|---|---:|---:|"]
+    lines += train_step_rows(device, batch, args.reps)
+    lines.append("")
+    print("\n".join(lines[-9:]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print(f"written to {args.out}")
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--forward-batch", type=int, default=8,
                         help="clouds per timed Point-MAE forward (default 8)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ops_cpu.md")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--train-batch", type=int, default=32,
+                        help="clouds per timed training step on the GPU (default 32)")
+    parser.add_argument("--out", type=Path,
+                        help="default benchmarks/results/ops_<device>.md")
     args = parser.parse_args(argv)
+    args.out = args.out or ROOT / f"benchmarks/results/ops_{args.device}.md"
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device visible")
+        return run_gpu(args, torch.device("cuda"))
 
     lines = ["# pointclora.ops on CPU", "", f"Machine: {machine()}.", "",
              f"CPU backend: {ops.backend_info()['cpu']['reason']}.", "",
