@@ -17,11 +17,18 @@ from pointclora.engine.checkpoint import model_payload, save_checkpoint
 from pointclora.models import build_model
 from pointclora.viz import (
     BACKENDS,
+    GalleryStyle,
     Predictions,
+    Tile,
     View,
     is_blank,
+    page_legend,
     patch_colors,
+    patch_legend,
+    point_colors,
     render_cloud,
+    sample_tiles,
+    save_page,
     select_backend,
 )
 from pointclora.viz import render as render_mod
@@ -248,3 +255,45 @@ def test_tool_with_checkpoint_predictions_and_worst_mistakes(tmp_path, capsys):
     assert not rest or conf[rest].max() <= shown.min() + 1e-6
     assert not is_blank(_png(out / "worst_mistakes.png"))
     assert not is_blank(_png(out / "samples_000.png"))
+
+
+def _has_color(image: np.ndarray, rgb, tol: int = 14) -> bool:
+    target = np.round(np.asarray(rgb) * 255)
+    return bool((np.abs(image.astype(int) - target).max(-1) <= tol).any())
+
+
+def test_page_legend_is_drawn_below_the_tiles_in_its_colours(tmp_path):
+    blank = [Tile(np.full((160, 160, 3), 255, np.uint8), f"#{i} blank") for i in range(3)]
+    legend = [*patch_legend(), ((0.1, 0.3, 0.9), "blue class"), ((0.9, 0.6, 0.1), "orange")]
+    plain = _png(save_page(blank, tmp_path / "plain.png", ncols=3, heading="h"))
+    keyed = _png(save_page(blank, tmp_path / "keyed.png", ncols=3, heading="h", legend=legend))
+    extra = keyed.shape[0] - plain.shape[0]
+    assert extra > 10 and keyed.shape[1] == plain.shape[1]
+    strip = keyed[-extra:]  # the tiles are white: whatever is coloured here is the key
+    for rgb, _ in legend:
+        assert _has_color(strip, rgb), rgb
+    assert not _has_color(plain, (0.1, 0.3, 0.9))
+
+
+def test_patch_legend_names_the_colours_patch_pages_use():
+    cloud = np.random.default_rng(0).normal(size=(50, 3))
+    neighborhood = np.zeros((2, 4, 3))
+    _, colors, _ = patch_colors(cloud, neighborhood, cloud[:2])
+    legend = dict((text.split(":")[0], rgb) for rgb, text in patch_legend())
+    np.testing.assert_allclose(colors[:50], np.tile(legend["grey"], (50, 1)))  # the cloud
+    assert legend["black"] == tuple(render_mod.render_cloud.__kwdefaults__["marker_color"])
+
+
+def test_class_colouring_puts_each_shown_class_in_the_page_legend():
+    names = ["cube", "cone", "torus", "mug"]
+    clouds = {i: np.random.default_rng(i).normal(size=(40, 3)) for i in (3, 5, 8)}
+    labels = {3: 2, 5: 0, 8: 2}
+    style = GalleryStyle(color="class", tile=48, backend="matplotlib")
+    tiles = sample_tiles(clouds, labels, names, style)
+    legend = page_legend(tiles, [((0, 0, 0), "fixed entry")])
+    assert [text for _, text in legend] == ["fixed entry", "cube", "torus"]
+    for rgb, name in legend[1:]:
+        painted = point_colors(1, names.index(name), None, "class", len(names))[0]
+        np.testing.assert_allclose(rgb, painted)
+    assert page_legend(sample_tiles(clouds, labels, names, GalleryStyle(
+        color="correct", tile=48, backend="matplotlib"))) == []

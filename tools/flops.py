@@ -15,13 +15,14 @@ import json
 import sys
 from pathlib import Path
 
+import pointclora  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+
+# isort: split
 import torch
 
 from pointclora.adapters import METHODS
 from pointclora.analysis import build_adapted, complexity_report, methods_table
 from pointclora.config import add_override_argument, load_config
-
-DEFAULT_TABLE = Path("benchmarks/results/methods_table.md")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,8 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--method", choices=METHODS, help="default: the config's adapter.method")
     parser.add_argument("--all-methods", action="store_true",
                         help="one Markdown table of every adapter method on this backbone")
-    parser.add_argument("--table-out", type=Path, default=DEFAULT_TABLE,
-                        help=f"where --all-methods writes its table (default: {DEFAULT_TABLE})")
+    parser.add_argument("--table-out", type=Path,
+                        help="also write the --all-methods table to this file (default: print "
+                        "only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument("--device", default="cpu", help="device for the traced forward pass")
     return parser.parse_args(argv)
@@ -77,13 +79,15 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
         if args.all_methods:
             table, rows = methods_table(cfg, device)
-            args.table_out.parent.mkdir(parents=True, exist_ok=True)
-            args.table_out.write_text(table)
+            if args.table_out:
+                args.table_out.parent.mkdir(parents=True, exist_ok=True)
+                args.table_out.write_text(table)
             if args.json:
                 print(json.dumps({"table": table, "methods": rows}, indent=2))
             else:
                 print(table, end="")
-                print(f"(written to {args.table_out})")
+                if args.table_out:
+                    print(f"(written to {args.table_out})")
             return 0
         method = args.method or cfg["adapter"]["method"]
         model = build_adapted(cfg, method).to(device)

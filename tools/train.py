@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from pointclora.config import add_override_argument, load_config
 from pointclora.engine import (
     cleanup,
@@ -21,10 +23,11 @@ from pointclora.engine import (
     run_folds,
 )
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", help="YAML config file (required unless --list-configs)")
     add_override_argument(parser)
     parser.add_argument("--out", help="run directory (default: output_dir of the config, "
                         "else runs/<config name>)")
@@ -36,17 +39,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--folds", help="few-shot: train these folds (e.g. 0-9) one after "
                         "another and write summary.json with mean and std")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (bases, defaults, --set) and exit")
+    parser.add_argument("--list-configs", action="store_true",
+                        help="list the shipped configs with one line each and exit")
     args = parser.parse_args(argv)
+    if not args.config and not args.list_configs:
+        parser.error("--config is required (see --list-configs)")
     if args.resume and args.exist_ok:
         parser.error("--resume continues a run, --exist-ok starts over: choose one")
     return args
 
 
+def list_configs(root: Path = CONFIGS) -> str:
+    """One line per shipped config: its path and the first line of its header comment."""
+    lines = []
+    for path in sorted(p for p in root.rglob("*.yaml") if "_base_" not in p.parts):
+        first = path.read_text().splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"{path.relative_to(root.parent).as_posix():<36} {about}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.list_configs:
+        print(list_configs())
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.out or cfg["output_dir"] or default_output_dir(args.config))
+        if args.print_config:  # nothing is created: no run folder, no training
+            yaml.safe_dump(dict(cfg, output_dir=str(run_dir)), sys.stdout, sort_keys=False)
+            return 0
         info = init_distributed(args.device)
         try:
             if args.folds:

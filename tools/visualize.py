@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+import pointclora  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+
+# isort: split
 import numpy as np
 import torch
 from torch.utils.data import Subset
@@ -30,6 +33,9 @@ from pointclora.viz import (
     GalleryStyle,
     Predictions,
     View,
+    correctness_legend,
+    page_legend,
+    patch_legend,
     patch_tiles,
     point_colors,
     sample_tiles,
@@ -154,8 +160,9 @@ def render(args, cfg, dataset, transform, shown, predictions, model, device) -> 
     if predictions is not None:
         heading += (f", accuracy {predictions.accuracy:.1f}% over "
                     f"{len(predictions.index)} evaluated")
+    legend = correctness_legend() if predictions is not None and args.color == "correct" else ()
     written = write_pages(sample_tiles(clouds, labels, names, style, predictions), args.out,
-                          "samples", args.per_page, args.ncols, heading)
+                          "samples", args.per_page, args.ncols, heading, legend)
     summary = {"config": args.config, "ckpt": args.ckpt, "split": args.split,
                "renderer": backend, "samples": shown, "labels": [labels[i] for i in shown]}
     if predictions is not None:
@@ -167,7 +174,8 @@ def render(args, cfg, dataset, transform, shown, predictions, model, device) -> 
             w_clouds, w_labels = _clouds(dataset, worst, transform, args.seed)
             tiles = sample_tiles(w_clouds, w_labels, names, style, predictions)
             written.append(save_page(tiles, args.out / "worst_mistakes.png", args.ncols,
-                                     f"{what}: most confident mistakes"))
+                                     f"{what}: most confident mistakes",
+                                     legend=page_legend(tiles, legend)))
         else:
             print(f"no mistakes among {len(predictions.index)} evaluated samples")
     if model is not None:
@@ -176,7 +184,7 @@ def render(args, cfg, dataset, transform, shown, predictions, model, device) -> 
         groups = {i: (neighborhood[k], center[k]) for k, i in enumerate(shown)}
         written += write_pages(patch_tiles(clouds, groups, labels, names, style), args.out,
                                "patches", args.per_page, args.ncols,
-                               f"{what}: FPS centres and kNN patches")
+                               f"{what}: FPS centres and kNN patches", patch_legend())
     summary["files"] = [p.name for p in written]
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     written.append(args.out / "summary.json")

@@ -118,7 +118,7 @@ class Options:
         """``None`` options filled from the model's declared defaults; an option still
         ``None`` that is needed raises ``ValueError`` saying what to set."""
         declared = model_defaults(model)
-        filled = {}
+        filled, missing = {}, []
         for f in dataclasses.fields(self):
             key = f.metadata["model_default"]
             if key is None or getattr(self, f.name) is not None:
@@ -126,13 +126,14 @@ class Options:
             value = self.model_default(key, copy.deepcopy(declared.get(key)))
             needed = f.metadata["needed_if"]
             if value is None and (needed is True or (needed and getattr(self, needed))):
-                unless = "" if needed is True else f", or {needed}=False"
-                raise ValueError(
-                    f"{type(model).__name__} declares no adapter default {key!r} for "
-                    f"{self.method}: pass {f.name}=... ({f.metadata['help']}){unless}; a "
-                    "model class can declare adapter_defaults or be registered with "
-                    "register_model_defaults")
+                unless = "" if needed is True else f" or {needed}=False"
+                missing.append(f"{f.name}=... ({f.metadata['help']}){unless}")
             filled[f.name] = value
+        if missing:
+            raise ValueError(
+                f"{type(model).__name__} declares no adapter defaults for {self.method}: pass "
+                f"{'; '.join(missing)}. A model class declares them as adapter_defaults, or "
+                "with register_model_defaults for a class one cannot edit")
         return dataclasses.replace(self, **filled)
 
 

@@ -244,6 +244,11 @@ def build_modelnet40(cfg: dict, split: str) -> Dataset:
     h5_root = (root if cfg.get("h5_files") else _locate(root, f"ply_data_{split}*.h5", H5_FOLDER))
     cache_dir = Path(cfg["cache_dir"]).expanduser() if cfg.get("cache_dir") else (txt_root or root)
     cache = cache_dir / cache_name(split, num_points, num_category)
+    if cfg.get("h5_files"):  # an explicit option wins over whatever else lies under root
+        if fmt not in ("auto", "h5"):
+            raise DataError(f"data.h5_files lists h5 files but data.format is {fmt!r}; set "
+                            "data.format: h5 (or auto), or remove data.h5_files")
+        fmt = "h5"
     if fmt == "auto":
         fmt = ("cache" if cache.is_file() else "txt" if txt_root else "h5" if h5_root else None)
         if fmt is None:

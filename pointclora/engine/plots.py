@@ -43,17 +43,31 @@ def plot_curves(rows: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+NO_SAMPLES_GREY = 0.8
+
+
+def row_labels(matrix: np.ndarray, class_names: Sequence[str]) -> list[str]:
+    """'chair (n=20)' per true class; 'chair (no test samples)' where its row is empty."""
+    counts = np.asarray(matrix).sum(1)
+    return [f"{name} (n={int(c)})" if c else f"{name} (no test samples)"
+            for name, c in zip(class_names, counts, strict=True)]
+
+
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path,
                    title: str = "confusion matrix") -> None:
-    """Row-normalised matrix; every cell is labelled only when the classes are few."""
+    """Row-normalised matrix with each class's sample count; classes without test samples
+    are greyed out; every cell count is written only when the classes are few."""
     plt = _pyplot()
     n = len(class_names)
-    norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    counts = matrix.sum(1, keepdims=True)
+    norm = np.ma.masked_where(np.broadcast_to(counts == 0, matrix.shape),
+                              matrix / np.maximum(counts, 1))
+    cmap = plt.get_cmap("Blues").with_extremes(bad=(NO_SAMPLES_GREY,) * 3)
     size = min(4 + 0.28 * n, 16)
-    fig, ax = plt.subplots(figsize=(size, size))
-    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(norm, cmap=cmap, vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=90, fontsize=7 if n > 20 else 9)
-    ax.set_yticks(range(n), class_names, fontsize=7 if n > 20 else 9)
+    ax.set_yticks(range(n), row_labels(matrix, class_names), fontsize=7 if n > 20 else 9)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     if n <= 20:
         for i, j in zip(*np.nonzero(matrix), strict=True):

@@ -97,7 +97,7 @@ class PartSegmentation(nn.Module):
         "target_modules": ["attn.qkv", "attn.proj"],
         "blocks": r"blocks\.blocks\.\d+",
         "head": list(SEG_HEAD),
-        "tokens": [],
+        "tokens": [],  # no cls token: nothing to keep (train_tokens is off)
     }
 
     group = PointTransformer.group

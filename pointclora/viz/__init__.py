@@ -1,6 +1,23 @@
 """Headless rendering of point clouds and pages of predictions, mistakes and patches."""
-from .gallery import GalleryStyle, Predictions, patch_tiles, sample_tiles, write_pages
-from .pages import COLOR_MODES, Tile, caption, patch_colors, point_colors, save_page
+from .gallery import (
+    GalleryStyle,
+    Predictions,
+    page_legend,
+    patch_tiles,
+    sample_tiles,
+    write_pages,
+)
+from .pages import (
+    COLOR_MODES,
+    Tile,
+    caption,
+    class_legend,
+    correctness_legend,
+    patch_colors,
+    patch_legend,
+    point_colors,
+    save_page,
+)
 from .render import (
     BACKENDS,
     View,
@@ -20,10 +37,14 @@ __all__ = [
     "Tile",
     "View",
     "caption",
+    "class_legend",
+    "correctness_legend",
     "fit",
     "is_blank",
+    "page_legend",
     "palette",
     "patch_colors",
+    "patch_legend",
     "patch_tiles",
     "point_colors",
     "render_cloud",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pages import Tile, caption, patch_colors, point_colors, save_page
+from .pages import Tile, caption, class_legend, patch_colors, point_colors, save_page
 from .render import View, render_cloud
 
 
@@ -75,7 +75,8 @@ def sample_tiles(clouds: dict[int, np.ndarray], labels: dict[int, int], class_na
         image = render_cloud(points, colors, size=(style.tile, style.tile),
                              point_size=style.size_for(len(points)), view=style.view,
                              backend=style.backend)
-        tiles.append(Tile(image, f"#{index} {title}", title_color))
+        key = class_legend([label], class_names)[0] if style.color == "class" else None
+        tiles.append(Tile(image, f"#{index} {title}", title_color, key))
     return tiles
 
 
@@ -95,13 +96,20 @@ def patch_tiles(clouds: dict[int, np.ndarray], groups: dict[int, tuple], labels:
     return tiles
 
 
+def page_legend(tiles: list[Tile], legend=()) -> list[tuple[tuple, str]]:
+    """`legend` followed by the distinct keys of `tiles` (e.g. the classes shown), sorted."""
+    keys = {t.key[1]: t.key for t in tiles if t.key is not None}
+    return [*legend, *(keys[name] for name in sorted(keys))]
+
+
 def write_pages(tiles: list[Tile], out_dir: Path, stem: str, per_page: int, ncols: int,
-                heading: str) -> list[Path]:
-    """`stem_000.png`, `stem_001.png`, ... with `per_page` tiles each."""
+                heading: str, legend=()) -> list[Path]:
+    """`stem_000.png`, `stem_001.png`, ... with `per_page` tiles each; each page's key shows
+    `legend` and the keys of its own tiles."""
     if per_page < 1:
         raise ValueError(f"per_page must be positive, got {per_page}")
     pages = [tiles[i:i + per_page] for i in range(0, len(tiles), per_page)]
     return [save_page(page, out_dir / f"{stem}_{n:03d}.png", ncols=ncols,
                       heading=f"{heading} (page {n + 1}/{len(pages)})" if len(pages) > 1
-                      else heading)
+                      else heading, legend=page_legend(page, legend))
             for n, page in enumerate(pages)]

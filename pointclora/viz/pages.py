@@ -15,6 +15,7 @@ from .render import DEFAULT_COLOR, palette
 CORRECT = (0.20, 0.65, 0.30)
 WRONG = (0.85, 0.20, 0.15)
 UNGROUPED = (0.80, 0.80, 0.80)
+CENTRE = (0.0, 0.0, 0.0)  # render_cloud's default marker colour
 COLOR_MODES = ("correct", "class")
 
 
@@ -25,6 +26,7 @@ class Tile:
     image: np.ndarray
     title: str
     color: tuple = (0.0, 0.0, 0.0)
+    key: tuple[tuple, str] | None = None  # (colour, text) this tile adds to its page's legend
 
 
 def point_colors(n: int, label: int, pred: int | None, mode: str, num_classes: int):
@@ -57,6 +59,23 @@ def patch_colors(points: np.ndarray, neighborhood: np.ndarray, center: np.ndarra
     return all_points, all_colors, center
 
 
+def class_legend(labels, class_names) -> list[tuple[tuple, str]]:
+    """(colour, name) of each class among `labels`, as `point_colors(mode="class")` paints it."""
+    colors = palette(len(class_names))
+    return [(tuple(colors[c]), class_names[c]) for c in sorted(set(int(x) for x in labels))]
+
+
+def patch_legend() -> list[tuple[tuple, str]]:
+    """What the colours of a patch page mean (`patch_colors`)."""
+    return [(UNGROUPED, "grey: cloud points in no patch"),
+            (tuple(palette(1)[0]), "colours: one kNN patch each"),
+            (CENTRE, "black: FPS centre of each patch")]
+
+
+def correctness_legend() -> list[tuple[tuple, str]]:
+    return [(CORRECT, "prediction right"), (WRONG, "prediction wrong")]
+
+
 def caption(class_names, label: int, pred: int | None = None, confidence: float | None = None):
     """'true: chair' or 'true: chair / pred: table (0.87)' and its colour."""
     text = f"true: {class_names[label]}"
@@ -69,8 +88,11 @@ def caption(class_names, label: int, pred: int | None = None, confidence: float 
 
 
 def save_page(tiles: list[Tile], path: str | Path, ncols: int = 4, heading: str | None = None,
-              dpi: int = 100) -> Path:
-    """Lay `tiles` out in a grid with their titles and write one PNG."""
+              dpi: int = 100, legend: list[tuple[tuple, str]] | None = None) -> Path:
+    """Lay `tiles` out in a grid with their titles and write one PNG.
+
+    `legend`: (RGB colour, text) entries drawn as a key in a strip below the grid.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -83,13 +105,23 @@ def save_page(tiles: list[Tile], path: str | Path, ncols: int = 4, heading: str 
     h, w = tiles[0].image.shape[:2]
     lines = max(t.title.count("\n") + 1 for t in tiles)
     title_in, heading_in = 0.1 + 0.18 * lines, 0.45 if heading else 0.0
-    fig = Figure(figsize=(ncols * w / dpi, nrows * (h / dpi + title_in) + heading_in),
+    legend_cols = max(1, min(len(legend or ()), int(ncols * w / dpi / 1.8)))
+    legend_in = 0.1 + 0.22 * -(-len(legend) // legend_cols) if legend else 0.0
+    fig = Figure(figsize=(ncols * w / dpi, nrows * (h / dpi + title_in) + heading_in + legend_in),
                  dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
     height = fig.get_figheight()
     if heading:
         fig.suptitle(heading, fontsize=13, y=1 - 0.08 / height, va="top")
-    grid = fig.add_gridspec(nrows, ncols, left=0, right=1, bottom=0,
+    if legend:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], linestyle="", marker="o", markersize=8, color=rgb,
+                          markeredgecolor=rgb) for rgb, _ in legend]
+        fig.legend(handles, [text for _, text in legend], loc="lower center",
+                   ncol=legend_cols, fontsize=9, frameon=False, borderaxespad=0.1,
+                   handletextpad=0.2, columnspacing=1.0)
+    grid = fig.add_gridspec(nrows, ncols, left=0, right=1, bottom=legend_in / height,
                             top=1 - (heading_in + title_in) / height, wspace=0.02,
                             hspace=title_in / (h / dpi))
     for i, tile in enumerate(tiles):
