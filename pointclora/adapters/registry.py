@@ -125,6 +125,9 @@ class Options:
                 continue
             value = self.model_default(key, copy.deepcopy(declared.get(key)))
             needed = f.metadata["needed_if"]
+            if value == [] and isinstance(needed, str):  # declared: the model has none
+                filled[needed] = False
+                continue
             if value is None and (needed is True or (needed and getattr(self, needed))):
                 unless = "" if needed is True else f" or {needed}=False"
                 missing.append(f"{f.name}=... ({f.metadata['help']}){unless}")
