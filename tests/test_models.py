@@ -16,6 +16,7 @@ from pointclora.models import (
     PointBERT,
     PointMAE,
     build_model,
+    load_pretrained,
     register_backbone,
 )
 from pointclora.models.layers import Attention
@@ -457,3 +458,25 @@ def test_registry_refuses_a_name_taken_by_another_class():
         register_backbone("point_mae")(ToyNet)
     assert register_backbone("point_mae")(PointMAE) is PointMAE  # re-registering is harmless
     assert BACKBONES["point_mae"] is PointMAE
+
+
+def test_a_factory_function_registers_with_its_checkpoint_spec(tmp_path):
+    """Stock models (a timm ViT) are built by functions: the spec rides on the function."""
+
+    class Bare(ToyNet):
+        checkpoint = None
+
+    def bare_toy(width=8, depth=2):
+        return Bare(width=width, depth=depth)
+
+    bare_toy.checkpoint = ToyNet.checkpoint
+    path = tmp_path / "toy_pretrain.pth"
+    source = toy_pretrain_file(path)
+    with pytest.raises(TypeError, match="Bare declares no checkpoint layouts"):
+        load_pretrained(Bare(), path)
+    register_backbone("bare_toy")(bare_toy)
+    try:
+        model = build_model({"name": "bare_toy", "pretrained": str(path)})
+    finally:
+        del BACKBONES["bare_toy"]
+    assert torch.equal(model.blocks[1].fc.weight, source["blocks.1.fc.weight"])

@@ -23,13 +23,16 @@ def build_model(cfg_model: Mapping, trust_pickle: bool = False) -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"model.name must be one of {sorted(BACKBONES)}, got {name!r}")
     pretrained = cfg.pop("pretrained", None)
-    cls = BACKBONES[name]
+    cls = BACKBONES[name]  # a class, or a factory function
     valid = list(inspect.signature(cls).parameters)
     unknown = sorted(set(cfg) - set(valid))
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown} for {name}; valid options: "
                          f"{['name', *valid, 'pretrained']}")
     model = cls(**cfg)
-    if pretrained:  # a backbone may bring its own loader (timm ViTs: Google's npz files)
-        getattr(cls, "load_weights", load_pretrained)(model, pretrained, trust_pickle=trust_pickle)
+    if pretrained and hasattr(cls, "load_weights"):  # its own reader (timm ViTs: Google's npz)
+        cls.load_weights(model, pretrained, trust_pickle=trust_pickle)
+    elif pretrained:
+        load_pretrained(model, pretrained, trust_pickle=trust_pickle,
+                        spec=getattr(cls, "checkpoint", None))
     return model

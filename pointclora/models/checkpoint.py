@@ -108,8 +108,9 @@ class CheckpointSpec:
         return implied
 
 
-def checkpoint_spec(model: nn.Module) -> CheckpointSpec:
-    spec = getattr(model, "checkpoint", None)
+def checkpoint_spec(model: nn.Module, spec: CheckpointSpec | None = None) -> CheckpointSpec:
+    """``spec``, else the model's ``checkpoint`` attribute (its class's spec)."""
+    spec = spec if spec is not None else getattr(model, "checkpoint", None)
     if not isinstance(spec, CheckpointSpec):
         raise TypeError(f"{type(model).__name__} declares no checkpoint layouts: give the class a "
                         "`checkpoint = CheckpointSpec(...)` attribute (see docs/architecture.md)")
@@ -318,14 +319,15 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
 
 
 def load_pretrained(model: nn.Module, path: str | Path, strict: bool = True,
-                    trust_pickle: bool = False) -> LoadReport:
-    """Load a checkpoint file into a registered backbone; see :class:`LoadReport`.
+                    trust_pickle: bool = False, spec: CheckpointSpec | None = None) -> LoadReport:
+    """Load a checkpoint file into a backbone; see :class:`LoadReport` and docs/models.md.
 
-    The file's layout is recognised among the layouts of every registered backbone (their
-    ``checkpoint`` specs); a layout the model's class does not read is refused with the
-    ``model.name`` that does. Details in docs/models.md.
+    ``spec`` defaults to the model's ``checkpoint`` attribute (a model built by a registered
+    factory function gets the function's). The file's layout is recognised among the layouts
+    of every registered backbone; a layout ``spec`` does not list is refused with the
+    ``model.name`` that reads it.
     """
-    spec = checkpoint_spec(model)
+    spec = checkpoint_spec(model, spec)
     state = read_state_dict(path, trust_pickle, weights_hint=spec.weights_hint)
     layout, owners = detect_layout(state, spec)
     own = model.state_dict()

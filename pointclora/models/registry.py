@@ -12,15 +12,17 @@ from collections.abc import Callable
 
 from torch import nn
 
-BACKBONES: dict[str, type[nn.Module]] = {}
+Factory = Callable[..., nn.Module]  # a model class, or a function returning a model
+BACKBONES: dict[str, Factory] = {}
 
 
-def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make ``cls`` buildable as ``build_model({"name": name, ...})``."""
+def register_backbone(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: make a model class (or factory function) buildable as
+    ``build_model({"name": name, <its keyword arguments>})``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a backbone name must be a non-empty string, got {name!r}")
 
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
+    def add(cls: Factory) -> Factory:
         taken = BACKBONES.get(name)
         if taken is not None and taken is not cls:
             raise ValueError(f"backbone name {name!r} is already registered by "
