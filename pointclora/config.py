@@ -14,7 +14,9 @@ from typing import Any
 import yaml
 
 BASE_KEY = "_base_"
-SECTIONS = ("model", "adapter", "data", "train", "output_dir")
+# `derived` is written by the engine into a run's stored config (what it settled from the
+# data, e.g. model.cls_dim); it is a record, recomputed whenever the data is read.
+SECTIONS = ("model", "adapter", "data", "train", "output_dir", "derived")
 
 # Official Point-MAE fine-tuning recipe (REFERENCE section 3); every run saves these resolved.
 DEFAULTS: dict[str, Any] = {

@@ -139,7 +139,7 @@ def draws():
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     seed_everything(123)
     draws()
-    save_checkpoint({"rng": rng_state(), "epoch": 4}, tmp_path / "c.pth")
+    save_checkpoint({"config": {}, "rng": rng_state(), "epoch": 4}, tmp_path / "c.pth")
     expected = draws()
     seed_everything(999)
     ckpt = load_checkpoint(tmp_path / "c.pth")
@@ -166,10 +166,10 @@ def test_run_dir_refuses_existing_run_unless_told(tmp_path):
     run = tmp_path / "run"
     prepare_run_dir(run)                      # new: created
     prepare_run_dir(run)                      # only empty folders in it: still fine
-    (run / "config.yaml").write_text("x")
+    (run / "metrics.json").write_text("x")
     with pytest.raises(FileExistsError, match="--resume"):
         prepare_run_dir(run)
-    assert (run / "config.yaml").read_text() == "x"  # nothing touched
+    assert (run / "metrics.json").read_text() == "x"  # nothing touched
     prepare_run_dir(run, exist_ok=True)
     with pytest.raises(FileNotFoundError, match="last.pth"):
         prepare_run_dir(run, resume=True)
@@ -333,7 +333,8 @@ def test_checkpoint_rebuilds_the_trained_model(tmp_path, method, pretrained):
                 p.add_(0.1 * torch.randn_like(p))
     model.train()
     model(torch.randn(4, 64, 3))
-    save_checkpoint({"config": cfg, "method": method, **model_payload(model, cfg, init)},
+    save_checkpoint({"config": cfg, "epoch": 0, "method": method,
+                     **model_payload(model, cfg, init)},
                     tmp_path / "ckpt.pth")
     ckpt = load_checkpoint(tmp_path / "ckpt.pth")
     torch.manual_seed(1)  # a different random init must not matter

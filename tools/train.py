@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import yaml
 
 from pointclora.config import add_override_argument, load_config
 from pointclora.engine import (
+    TrainingInterrupted,
     cleanup,
     default_output_dir,
     fit,
@@ -61,7 +64,20 @@ def list_configs(root: Path = CONFIGS) -> str:
     return "\n".join(lines)
 
 
+def resume_command(argv: list[str], run_dir: Path, resumable: bool) -> str:
+    """The command that continues an interrupted run (restarts it when nothing was saved)."""
+    args = [a for a in argv if a not in ("--resume", "--exist-ok")]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args += ["--out", str(run_dir)]
+    if resumable:
+        args.append("--resume")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
+    return shlex.join([*launcher, os.path.relpath(__file__), *args])
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.list_configs:
         print(list_configs())
@@ -84,6 +100,15 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:  # Ctrl-C or SIGTERM: no traceback, the way back
+        if os.environ.get("RANK", "0") == "0":
+            how = "continue with" if err.resumable else "nothing to resume; start again with"
+            print(f"{err}\n{how}:\n  {resume_command(argv, run_dir, err.resumable)}",
+                  file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # before the run started: nothing was written
+        print("interrupted before training started", file=sys.stderr)
+        return 130
     return 0
 
 

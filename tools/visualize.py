@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 from pointclora.config import add_override_argument, apply_overrides, load_config, validate
 from pointclora.data import build_batch_transform
 from pointclora.engine import cleanup, init_distributed, load_checkpoint, predict, restore_model
-from pointclora.engine.build import build_datasets
+from pointclora.engine.build import build_datasets, model_config, resolve_config
 from pointclora.models import build_model
 from pointclora.viz import (
     BACKENDS,
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
             cfg = validate(apply_overrides(ckpt["config"], args.overrides), args.ckpt)
         _check_out(args.out, args.overwrite)
         dataset = build_datasets(cfg, (args.split,))[args.split]
+        cfg = resolve_config(cfg, {args.split: dataset})
         transform = build_batch_transform(cfg["data"], "test")
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
         shown = sorted(order[:args.samples].tolist())
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
                                          args.batch_size, seed=cfg["train"]["seed"])
                 predictions = Predictions.from_logits(evaluated, logits, labels)
             elif args.patches:
-                model = build_model({**cfg["model"], "pretrained": None}).to(info.device)
+                model = build_model({**model_config(cfg), "pretrained": None}).to(info.device)
             written = render(args, cfg, dataset, transform, shown, predictions,
                              model if args.patches else None, info.device)
         finally:

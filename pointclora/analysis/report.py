@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pointclora.adapters import METHODS, apply_adapter, merge_adapter, parameter_report
-from pointclora.engine.build import build_datasets
+from pointclora.engine.build import build_datasets, model_config, resolve_config
 from pointclora.models import build_model
 
 from .flops import fvcore_flops, module_macs, official_graph, sample_points
@@ -19,13 +19,13 @@ def resolve_model_config(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     if cfg["model"].get("cls_dim") is None:
         try:
-            build_datasets(cfg, ("test",))
+            cfg = resolve_config(cfg, build_datasets(cfg, ("test",)))
         except (OSError, ValueError) as err:
             raise ValueError(
                 f"model.cls_dim is not set and the dataset could not tell it ({err}); "
                 "set it, e.g. --set model.cls_dim=40"
             ) from err
-    return {**cfg["model"], "pretrained": None}
+    return {**model_config(cfg), "pretrained": None}
 
 
 def build_adapted(cfg: dict, method: str | None = None) -> nn.Module:

@@ -75,6 +75,14 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def broadcast_buffers(module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) to every rank, in place."""
+    if not dist.is_initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src)
+
+
 def on_main(info: DistInfo, fn, *args, **kwargs) -> None:
     """Run `fn` on rank 0 only; an OSError/ValueError there is raised on every rank."""
     error = None

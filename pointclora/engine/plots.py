@@ -24,17 +24,19 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 
 
 def plot_curves(rows: Sequence[dict], path: Path) -> None:
-    """Loss, accuracy and learning rate against epoch."""
+    """Loss, train accuracy and every test metric (`test_*` columns), learning rate."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
-    val = [(r["epoch"], r["test_acc"]) for r in rows if r.get("test_acc") is not None]
+    tests = sorted({k for r in rows for k in r if k.startswith("test_")})
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(epochs, [r["train_loss"] for r in rows])
     axes[0].set(title="train loss", xlabel="epoch")
-    axes[1].plot(epochs, [r["train_acc"] for r in rows], label="train")
-    if val:
-        axes[1].plot(*zip(*val, strict=True), marker=".", label="test")
-    axes[1].set(title="accuracy (%)", xlabel="epoch")
+    axes[1].plot(epochs, [r["train_acc"] for r in rows], label="train_acc")
+    for key in tests:
+        val = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if val:
+            axes[1].plot(*zip(*val, strict=True), marker=".", label=key)
+    axes[1].set(title="accuracy and test metrics (%)", xlabel="epoch")
     axes[1].legend()
     axes[2].plot(epochs, [r["lr"] for r in rows])
     axes[2].set(title="learning rate", xlabel="epoch", yscale="log")

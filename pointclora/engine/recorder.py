@@ -37,8 +37,10 @@ def get_logger(run_dir: Path | None = None, enabled: bool = True, name: str = "p
 class Recorder:
     """Per-epoch metrics to `log.csv` and TensorBoard; resumable from any epoch."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, start_epoch: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool = True, start_epoch: int = 0,
+                 fields: tuple[str, ...] = CSV_FIELDS):
         self.enabled = enabled
+        self.fields = fields  # the columns of log.csv (the test columns come from the task)
         self.rows: list[dict] = []
         self.writer = None
         if not enabled:
@@ -58,17 +60,17 @@ class Recorder:
 
     def _rewrite_csv(self) -> None:
         with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=self.fields)
             writer.writeheader()
             writer.writerows(self.rows)
 
     def log_epoch(self, row: dict) -> None:
         if not self.enabled:
             return
-        row = {k: row.get(k) for k in CSV_FIELDS}
+        row = {k: row.get(k) for k in self.fields}
         self.rows.append(row)
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(row)
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         for key, value in row.items():
             if key != "epoch" and value is not None:
                 self.writer.add_scalar(key, value, row["epoch"])
