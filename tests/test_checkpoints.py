@@ -284,6 +284,22 @@ def test_pickled_python_objects_are_refused_unless_trusted(fixtures, tmp_path, c
                for r in caplog.records)
 
 
+def test_safetensors_file_loads(fixtures, tmp_path):
+    """The safe format tools/convert_checkpoint.py writes for files that pickle objects."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in official_state(fixtures, "mae_pretrain", depth=2).items()}
+    path = tmp_path / "pretrain.safetensors"
+    save_file(state, str(path))
+    model = model_with_seed(PointMAE, 0)
+    report = model.load_pretrained(path)
+    assert report.layout == "Point-MAE pre-training checkpoint"
+    assert torch.equal(model.norm.weight, state["MAE_encoder.norm.weight"])
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        model.load_pretrained(path)
+
+
 def test_malicious_pickle_never_runs(fixtures, tmp_path):
     marker = tmp_path / "pwned"
     state = official_state(fixtures, "mae_finetune", depth=2)

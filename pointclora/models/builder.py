@@ -14,7 +14,9 @@ def build_model(cfg_model: Mapping, trust_pickle: bool = False) -> nn.Module:
     """``{name: <registered backbone>, <constructor keywords>, pretrained: path|null}``.
 
     ``name`` is a key of :data:`BACKBONES` (``point_mae``, ``point_bert``, ...). A
-    ``pretrained`` path is loaded with :func:`~pointclora.models.load_pretrained` (strict).
+    ``pretrained`` path is loaded with :func:`~pointclora.models.load_pretrained` (strict)
+    against the registered entry's ``checkpoint`` spec, or with its own ``load_weights(model,
+    path, trust_pickle=...)`` when it has one (a reader for formats torch cannot load).
     ``trust_pickle`` is an argument of the call, never a config key: a stored config must not
     be able to turn on unpickling of arbitrary objects.
     """

@@ -206,8 +206,8 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False, *,
                     weights_hint: str = CheckpointSpec.weights_hint) -> dict[str, torch.Tensor]:
     """The flat state dict held by a checkpoint file, on the CPU, wrapper prefixes removed.
 
-    Accepts the official container (a dict with ``base_model``), a dict with ``model``, or a
-    bare state dict. Files are read with ``weights_only=True``; a file that also pickles other
+    Accepts the official container (a dict with ``base_model``), a dict with ``model``, a
+    bare state dict, or a ``.safetensors`` file. Files are read with ``weights_only=True``; a file that also pickles other
     Python objects (a config object, say) raises :class:`UnsafeCheckpointError` unless
     ``trust_pickle=True`` is passed for this call (the official code read such files in full,
     which runs any code they hold). PointCLoRA adapter files and training checkpoints of
@@ -221,7 +221,8 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False, *,
         )
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty (an interrupted download or copy?)")
-    obj = _torch_load(path, trust_pickle)
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(
+        path, trust_pickle)
     state = obj
     if isinstance(obj, Mapping):
         _refuse_run_files(path, obj)
@@ -273,6 +274,17 @@ def _strip_wrappers(key: str) -> str:
         if key.startswith(prefix):
             key = key[len(prefix):]
     return key
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file (tensors only, nothing to unpickle), e.g. written by
+    ``tools/convert_checkpoint.py``."""
+    from safetensors.torch import load_file  # noqa: PLC0415 (only for this format)
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # a header or size error of a damaged file
+        raise _unreadable(path, err) from err
 
 
 def _torch_load(path: Path, trust_pickle: bool = False):
