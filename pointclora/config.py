@@ -130,8 +130,115 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     return cfg
 
 
+# Value kinds of the train and data keys: (kind, minimum, null allowed). Kinds: "int" (a
+# YAML integer, not a bool), "number" (int or float), "str", "list", "dict", "bool".
+TRAIN_TYPES: dict[str, tuple] = {
+    "epochs": ("int", 1, False), "batch_size": ("int", 1, False), "lr": ("number", 0, False),
+    "weight_decay": ("number", 0, False), "warmup_epochs": ("int", 0, False),
+    "warmup_lr": ("number", 0, False), "min_lr": ("number", 0, False),
+    "grad_clip": ("number", 0, True), "seed": ("int", 0, False), "val_every": ("int", 1, False),
+    "num_workers": ("int", 0, False),
+}
+DATA_TYPES: dict[str, tuple] = {
+    "name": ("str", None, False), "npoints": ("int", 1, False), "protocol": ("str", None, False),
+    "up_axis": ("str", None, False), "num_classes": ("int", 1, False),
+    "samples_per_class": ("int", 1, False), "seed": ("int", 0, False),
+    "noise": ("number", 0, False), "occlusion": ("number", 0, False),
+    "rotation": ("str", None, False), "scale": ("list", None, False),
+    "root": ("str", None, False), "format": ("str", None, False),
+    "num_category": ("int", 1, False), "raw_points": ("int", 1, False),
+    "cache_dir": ("str", None, True), "shape_names": ("str", None, True),
+    "h5_files": ("dict", None, True), "way": ("int", 1, False), "shot": ("int", 1, False),
+    "fold": ("int", 0, False), "variant": ("str", None, False),
+}
+_KIND_NAMES = {"int": "an integer", "number": "a number", "str": "a string", "list": "a list",
+               "dict": "a mapping", "bool": "true or false"}
+
+
+def _kind_of(default: Any) -> str | None:
+    """The kind a default value asks for (None: any value)."""
+    for kind, types in (("bool", bool), ("int", int), ("number", float), ("str", str),
+                        ("list", (list, tuple)), ("dict", Mapping)):
+        if isinstance(default, types):
+            return kind
+    return None
+
+
+def _fits(value: Any, kind: str | None) -> bool:
+    if kind is None:
+        return True
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, never to a config
+        return False
+    types = {"int": int, "number": (int, float), "str": str, "list": (list, tuple),
+             "dict": Mapping}[kind]
+    return isinstance(value, types)
+
+
+def _check_values(source: str, section: str, values: Mapping, spec: Mapping[str, tuple],
+                  what: str) -> None:
+    """Unknown keys and values of the wrong kind or below their minimum -> ValueError."""
+    unknown = sorted(set(values) - set(spec))
+    if unknown:
+        raise ValueError(f"{source}: unknown {what} key(s) "
+                         f"{[f'{section}.{k}' for k in unknown]}; valid keys: {sorted(spec)}")
+    for key, value in values.items():
+        kind, low, nullable = spec[key]
+        if value is None and nullable:
+            continue
+        ok = value is not None and _fits(value, kind)
+        if ok and low is not None and kind in ("int", "number"):
+            ok = value >= low
+        if not ok:
+            need = _KIND_NAMES.get(kind, "any value") if kind else "any value"
+            if low is not None and kind in ("int", "number"):
+                need += f" >= {low}"
+            need += " or null" if nullable else ""
+            raise ValueError(f"{source}: {section}.{key} must be {need}; got {value!r} "
+                             f"({type(value).__name__})")
+
+
+def _model_spec(name: str) -> dict[str, tuple]:
+    import inspect
+
+    from pointclora.models import BACKBONES
+
+    if name not in BACKBONES:
+        raise ValueError(f"model.name must be one of {sorted(BACKBONES)}; got {name!r}")
+    spec = {"name": ("str", None, False), "pretrained": ("str", None, True)}
+    for key, param in inspect.signature(BACKBONES[name]).parameters.items():
+        kind = _kind_of(param.default)
+        spec[key] = (kind, 0 if kind in ("int", "number") else None, key == "cls_dim")
+    return spec
+
+
+def _adapter_spec(method: str) -> dict[str, tuple]:
+    from pointclora.adapters import DEFAULT_OPTIONS
+
+    if method not in DEFAULT_OPTIONS:
+        raise ValueError(f"adapter.method must be one of {sorted(DEFAULT_OPTIONS)}; "
+                         f"got {method!r}")
+    spec = {"method": ("str", None, False)}
+    spec.update({key: (_kind_of(default), None, default is None)
+                 for key, default in DEFAULT_OPTIONS[method].items()})
+    return spec
+
+
+def _data_spec(name: str) -> dict[str, tuple]:
+    from pointclora.data.build import COMMON_KEYS, DATASETS, KEYS
+
+    if name not in DATASETS:
+        raise ValueError(f"data.name must be one of {sorted(DATASETS)}; got {name!r}")
+    return {key: DATA_TYPES.get(key, (None, None, True)) for key in COMMON_KEYS | KEYS[name]}
+
+
 def validate(cfg: dict, source: str = "config") -> dict:
-    """Reject what the engine would otherwise silently ignore."""
+    """Refuse what the engine would otherwise ignore or trip over later.
+
+    One rule for every section: an unknown key, or a value of the wrong type (a bool is not
+    an integer) or out of range, is an error naming the key, what it takes and what it got.
+    """
     unknown = sorted(set(cfg) - set(SECTIONS))
     if unknown:
         raise ValueError(
@@ -143,21 +250,17 @@ def validate(cfg: dict, source: str = "config") -> dict:
     if not isinstance(cfg.get("data"), dict) or "name" not in cfg["data"]:
         raise ValueError(f"{source}: data.name is required (e.g. synthetic, modelnet40)")
     train = cfg["train"]
-    unknown = sorted(set(train) - set(DEFAULTS["train"]))
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown train key(s) {unknown}; allowed: {sorted(DEFAULTS['train'])}"
-        )
     if train["amp"] not in AMP_MODES:
         raise ValueError(f"{source}: train.amp must be one of {AMP_MODES}, got {train['amp']!r}")
-    for key in ("epochs", "batch_size", "val_every"):
-        if not isinstance(train[key], int) or train[key] < 1:
-            raise ValueError(
-                f"{source}: train.{key} must be a positive integer, got {train[key]!r}"
-            )
-    if not isinstance(train["warmup_epochs"], int) or train["warmup_epochs"] < 0:
-        raise ValueError(f"{source}: train.warmup_epochs must be an integer >= 0, "
-                         f"got {train['warmup_epochs']!r}")
+    _check_values(source, "train", {k: v for k, v in train.items() if k != "amp"},
+                  TRAIN_TYPES, "train")
+    _check_values(source, "data", cfg["data"], _data_spec(cfg["data"]["name"]), "data")
+    _check_values(source, "model", cfg["model"], _model_spec(cfg["model"].get("name")),
+                  "model")
+    _check_values(source, "adapter", cfg["adapter"],
+                  _adapter_spec(cfg["adapter"].get("method")), "adapter")
+    if cfg["output_dir"] is not None and not isinstance(cfg["output_dir"], str):
+        raise ValueError(f"{source}: output_dir must be a path or null; got {cfg['output_dir']!r}")
     return cfg
 
 
@@ -168,6 +271,21 @@ def add_override_argument(parser) -> None:
                         "(dotted key, YAML value; repeatable)")
 
 
+TRUST_PICKLE_WARNING = (
+    "warning: --trust-pickle: weights files that pickle Python objects besides tensors will "
+    "be unpickled in full, and unpickling runs whatever code such a file names. Use it only "
+    "for files from a source you trust; `tools/convert_checkpoint.py` makes a safe copy once."
+)
+
+
+def add_trust_pickle_argument(parser) -> None:
+    """``--trust-pickle``: an explicit, per-call opt-in; never read from a stored config."""
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow model.pretrained files that pickle Python objects (runs any "
+                        "code they hold: only for files you trust; prefer "
+                        "tools/convert_checkpoint.py)")
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Resolved run config: defaults < `_base_` files < the file < `overrides`."""
     cfg = deep_merge(DEFAULTS, _read_yaml(Path(path), ()))
@@ -175,7 +293,16 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     return validate(cfg, source=str(path))
 
 
-def dump_config(cfg: Mapping, path: str | Path) -> None:
-    """Write a resolved config that `load_config` reads back to the same dict."""
+def dump_config(cfg: Mapping, path: str | Path, changes: Iterable[Mapping] = ()) -> None:
+    """Write a resolved config that `load_config` reads back to the same dict.
+
+    `changes` (a resumed run's `{"epoch", "key", "old", "new"}` records) head the file as
+    comments, so the file says which values held before which epoch.
+    """
+    lines = [f"# from epoch {c['epoch']}: {c['key']} = {c['new']!r} (before: {c['old']!r})\n"
+             for c in changes]
+    if lines:
+        lines.insert(0, "# resumed with config changes; the values below hold from then on\n")
     with open(path, "w") as f:
+        f.writelines(lines)
         yaml.safe_dump(dict(cfg), f, sort_keys=False, default_flow_style=False)

@@ -445,7 +445,7 @@ def test_bad_settings_are_rejected(tmp_path):
     with pytest.raises(DataError, match="variant must be one of"):
         build_dataset({"name": "scanobjectnn", "root": str(tmp_path), "variant": "hardest"},
                       "train")
-    with pytest.warns(UserWarning, match="variant"):
+    with pytest.raises(DataError, match="unknown data key.*data.variant"):
         build_dataset({"name": "synthetic", "variant": "x", "samples_per_class": 1}, "test")
 
 

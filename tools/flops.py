@@ -23,6 +23,7 @@ import torch
 from pointclora.adapters import METHODS
 from pointclora.analysis import build_adapted, complexity_report, methods_table
 from pointclora.config import add_override_argument, load_config
+from pointclora.engine.rundir import check_output_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,9 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--table-out", type=Path,
                         help="also write the --all-methods table to this file (default: print "
                         "only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --table-out replace an existing file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument("--device", default="cpu", help="device for the traced forward pass")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.table_out and not args.all_methods:
+        parser.error("--table-out writes the --all-methods table; add --all-methods")
+    return args
 
 
 def _fmt_row(name: str, unmerged, merged, fmt: str) -> str:
@@ -75,12 +81,14 @@ def format_report(cfg: dict, method: str, report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.table_out:  # before the work: never replace a file silently
+            check_output_file(args.table_out, lambda _: args.overwrite, "--table-out",
+                              "pass --overwrite to replace it, or choose another path")
         cfg = load_config(args.config, args.overrides)
         device = torch.device(args.device)
         if args.all_methods:
             table, rows = methods_table(cfg, device)
             if args.table_out:
-                args.table_out.parent.mkdir(parents=True, exist_ok=True)
                 args.table_out.write_text(table)
             if args.json:
                 print(json.dumps({"table": table, "methods": rows}, indent=2))

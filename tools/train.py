@@ -15,7 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from pointclora.config import add_override_argument, load_config
+from pointclora.config import (
+    TRUST_PICKLE_WARNING,
+    add_override_argument,
+    add_trust_pickle_argument,
+    load_config,
+)
 from pointclora.engine import (
     TrainingInterrupted,
     cleanup,
@@ -37,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the run directory from checkpoints/last.pth")
     parser.add_argument("--exist-ok", action="store_true",
-                        help="start a fresh run in a run directory that holds one (replaces "
-                        "its files)")
+                        help="start over in a run directory that holds a run (the old folder "
+                        "is moved aside to NAME.old-<time>, never deleted)")
+    add_trust_pickle_argument(parser)
     parser.add_argument("--folds", help="few-shot: train these folds (e.g. 0-9) one after "
                         "another and write summary.json with mean and std")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
@@ -88,13 +94,16 @@ def main(argv=None) -> int:
         if args.print_config:  # nothing is created: no run folder, no training
             yaml.safe_dump(dict(cfg, output_dir=str(run_dir)), sys.stdout, sort_keys=False)
             return 0
+        if args.trust_pickle:
+            print(TRUST_PICKLE_WARNING, file=sys.stderr)
         info = init_distributed(args.device)
         try:
             if args.folds:
                 run_folds(cfg, run_dir, parse_folds(args.folds), info, resume=args.resume,
-                          exist_ok=args.exist_ok)
+                          exist_ok=args.exist_ok, trust_pickle=args.trust_pickle)
             else:
-                fit(cfg, run_dir, info, resume=args.resume, exist_ok=args.exist_ok)
+                fit(cfg, run_dir, info, resume=args.resume, exist_ok=args.exist_ok,
+                    trust_pickle=args.trust_pickle)
         finally:
             cleanup()
     except (ValueError, OSError) as err:

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from pointclora.config import add_override_argument, apply_overrides, load_config, validate
+from pointclora.config import (
+    TRUST_PICKLE_WARNING,
+    add_override_argument,
+    add_trust_pickle_argument,
+    apply_overrides,
+    load_config,
+    validate,
+)
 from pointclora.data import build_batch_transform
 from pointclora.engine import cleanup, init_distributed, load_checkpoint, predict, restore_model
 from pointclora.engine.build import build_datasets, model_config, resolve_config
@@ -75,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="replace PNGs/summary.json left in --out by an earlier run")
     parser.add_argument("--show", action="store_true",
                         help="also open an interactive Open3D window per sample (needs a display)")
+    add_trust_pickle_argument(parser)
     args = parser.parse_args(argv)
     if not args.config and not args.ckpt:
         parser.error("give --config, --ckpt, or both")
@@ -113,6 +121,8 @@ def _clouds(dataset, indices, transform, seed: int) -> tuple[dict, dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.trust_pickle:
+            print(TRUST_PICKLE_WARNING, file=sys.stderr)
         ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
         if args.config:
             cfg = load_config(args.config, args.overrides)
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
         try:
             predictions = None
             if ckpt is not None:
-                model, _ = restore_model(cfg, ckpt)
+                model, _ = restore_model(cfg, ckpt, args.trust_pickle)
                 model.to(info.device).eval()
                 n_eval = max(args.max_eval or len(dataset), len(shown))
                 evaluated = sorted(set(order[:n_eval].tolist()) | set(shown))

@@ -1,7 +1,6 @@
 """`build_dataset`: one entry point from the `data:` config section to a dataset."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 from torch.utils.data import Dataset
@@ -61,7 +60,7 @@ def build_dataset(cfg_data: dict, split: str) -> Dataset:
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test'; got {split!r}")
     unknown = sorted(set(cfg_data) - COMMON_KEYS - KEYS[name])
-    if unknown:
-        warnings.warn(f"data keys {unknown} are not used by dataset {name!r} (it reads "
-                      f"{sorted(KEYS[name] | COMMON_KEYS)})", stacklevel=2)
+    if unknown:  # an error, as for model and adapter keys: a typo must not go unnoticed
+        raise DataError(f"unknown data key(s) {[f'data.{k}' for k in unknown]} for dataset "
+                        f"{name!r}; valid keys: {sorted(KEYS[name] | COMMON_KEYS)}")
     return DATASETS[name](cfg_data, split)

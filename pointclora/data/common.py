@@ -37,10 +37,15 @@ def first_indices(mask: torch.Tensor | np.ndarray, limit: int = 5) -> str:
 
 
 def check_points(points: torch.Tensor, source: str) -> None:
-    """Reject a stack (S, N, 3) with NaN/inf coordinates, naming the samples."""
+    """Reject a stack (S, N, 3) with NaN/inf coordinates, or clouds without extent (all zeros,
+    or one point repeated: no shape to learn, and normalisation would divide by zero)."""
     bad = ~torch.isfinite(points).flatten(1).all(1)
     if bad.any():
         raise DataError(f"{source}: NaN or inf coordinates in sample(s) {first_indices(bad)}")
+    flat = (points.amax(1) - points.amin(1)).amax(-1) == 0 if points.shape[1] else bad
+    if flat.any():
+        raise DataError(f"{source}: sample(s) {first_indices(flat)} hold only zeros or one "
+                        "repeated point (no shape); remove them or re-export the data")
 
 
 def as_labels(labels, source: str, num_classes: int | None = None) -> torch.Tensor:

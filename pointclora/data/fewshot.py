@@ -34,10 +34,24 @@ def fold_path(root: Path, way: int, shot: int, fold: int) -> Path:
     return Path(root) / f"{way}way_{shot}shot" / f"{fold}.pkl"
 
 
+def available_folds(cfg: dict) -> list[int]:
+    """Fold numbers present for the configured `way` and `shot` under `data.root`."""
+    root, way, shot = _setting(cfg)
+    folder = fold_path(root, way, shot, 0).parent
+    if not folder.is_dir():
+        raise missing(f"{way}-way {shot}-shot folds", folder, LAYOUT)
+    return sorted(int(p.stem) for p in folder.glob("*.pkl") if p.stem.isdigit())
+
+
+def _setting(cfg: dict) -> tuple[Path, int, int]:
+    root = Path(cfg.get("root", "datasets/ModelNetFewshot")).expanduser()
+    return root, int(cfg.get("way", 5)), int(cfg.get("shot", 10))
+
+
 def build_fewshot(cfg: dict, split: str) -> PointClouds:
     """One split of one fold; labels are 0..way-1, names come from the original labels."""
-    root = Path(cfg.get("root", "datasets/ModelNetFewshot")).expanduser()
-    way, shot, fold = (int(cfg.get(k, d)) for k, d in (("way", 5), ("shot", 10), ("fold", 0)))
+    root, way, shot = _setting(cfg)
+    fold = int(cfg.get("fold", 0))
     if not root.is_dir():
         raise missing("few-shot root (data.root)", root, LAYOUT)
     path = fold_path(root, way, shot, fold)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pointclora.config import apply_overrides
+from pointclora.data.fewshot import available_folds
 
 from .distributed import DistInfo, on_main
 from .rundir import CKPT_DIR, LAST_CKPT, prepare_run_dir
@@ -33,18 +34,32 @@ def parse_folds(text: str) -> list[int]:
     return sorted(folds)
 
 
+def check_folds(cfg_data: dict, folds: list[int]) -> None:
+    """Refuse, before any training, folds that the few-shot data set does not hold."""
+    if cfg_data["name"] != "modelnet40_fewshot":
+        raise ValueError(f"--folds needs data.name: modelnet40_fewshot; this config trains "
+                         f"on {cfg_data['name']!r}")
+    found = available_folds(cfg_data)
+    absent = sorted(set(folds) - set(found))
+    if absent:
+        raise ValueError(f"--folds: fold(s) {absent} do not exist for "
+                         f"{cfg_data.get('way', 5)}-way {cfg_data.get('shot', 10)}-shot "
+                         f"(found {found or 'none'})")
+
+
 def fold_dir(run_dir: Path, fold: int) -> Path:
     return Path(run_dir) / f"fold_{fold}"
 
 
 def run_folds(cfg: dict, run_dir: str | Path, folds: list[int], info: DistInfo,
-              resume: bool = False, exist_ok: bool = False) -> dict:
+              resume: bool = False, exist_ok: bool = False, trust_pickle: bool = False) -> dict:
     """Train every fold (`data.fold`) in `run_dir/fold_K`; writes and returns the summary.
 
     With `resume`, finished folds are read back, an interrupted one continues from its last
     checkpoint, and the rest start fresh.
     """
     run_dir = Path(run_dir)
+    check_folds(cfg["data"], folds)
     if not resume:
         on_main(info, prepare_run_dir, run_dir, exist_ok=exist_ok)
     results = {}
@@ -57,7 +72,7 @@ def run_folds(cfg: dict, run_dir: str | Path, folds: list[int], info: DistInfo,
         fold_cfg = apply_overrides(cfg, [f"data.fold={fold}"])
         results[fold] = fit(fold_cfg, out, info,
                             resume=resume and (out / CKPT_DIR / LAST_CKPT).is_file(),
-                            exist_ok=exist_ok)
+                            exist_ok=exist_ok, trust_pickle=trust_pickle)
     best = np.array([results[f]["best_acc"] for f in folds])
     final = np.array([results[f]["final_acc"] for f in folds])
     summary = {

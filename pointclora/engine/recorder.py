@@ -56,7 +56,9 @@ class Recorder:
         self._rewrite_csv()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=start_epoch or None)
+        # purge_step drops events of epochs >= start_epoch left by an earlier attempt (at 0: a
+        # start that failed before its first checkpoint), so the events agree with log.csv.
+        self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=start_epoch)
 
     def _rewrite_csv(self) -> None:
         with open(self.csv_path, "w", newline="") as f:
