@@ -192,7 +192,11 @@ GPU_SETTINGS = [  # name, clouds, points, centers, k
     ("ModelNet 8k", 32, 8192, 512, 32),
     ("one cloud", 1, 2048, 128, 32),
 ]
-PATCHES = (65_536, 32, 16)  # per-patch kNN: B x G clouds of group_size points, k
+ALL_POINTS = [  # kNN with every point a query: name, clouds, points, k
+    ("per-patch kNN, B x G", 65_536, 32, 16),
+    ("kNN graph", 32, 2048, 16),
+    ("kNN graph", 8, 8192, 32),
+]
 
 
 def with_backend(backend: str, fn):
@@ -211,9 +215,12 @@ def with_backend(backend: str, fn):
 
 
 def gpu_fps_contenders(xyz: torch.Tensor, npoint: int) -> dict:
-    run = {"pointclora CUDA kernels": lambda: ops.furthest_point_sample(xyz, npoint),
-           "pointclora pure-torch path": lambda: ops.furthest_point_sample(xyz, npoint,
-                                                                           backend="torch")}
+    run = {"pointclora CUDA kernels": lambda: ops.furthest_point_sample(xyz, npoint)}
+    if xyz.is_cuda:  # the operator alone: no input checks, no dispatch
+        run["pointclora CUDA kernel, raw operator"] = (
+            lambda: torch.ops.pointclora_cuda.furthest_point_sample(xyz, npoint))
+    run["pointclora pure-torch path"] = lambda: ops.furthest_point_sample(xyz, npoint,
+                                                                         backend="torch")
     if backends.pointnet2()[0] is not None:
         run["pointnet2_ops"] = lambda: ops.furthest_point_sample(xyz, npoint,
                                                                  backend="pointnet2")
@@ -309,15 +316,15 @@ def run_gpu(args, device: torch.device) -> None:
         lines.append("")
         print("\n".join(lines[-(len(fps_run) + len(knn_run) + 5):]), flush=True)
 
-    clouds_n, n, k = PATCHES
-    patches = torch.randn(clouds_n, n, 3, device=device)
-    knn_run = gpu_knn_contenders(patches, patches, k)
-    want_knn = knn_run["pointclora CUDA kernels (auto)"]()[1]
-    lines += [f"## Per-patch kNN: {clouds_n:,} clouds (B x G) of {n} points, every point a "
-              f"query, k={k} (Gaussian)", "", *header]
-    lines += gpu_rows("kNN", knn_run, device, args.reps, knn_agreement, want_knn)
-    lines.append("")
-    print("\n".join(lines[-(len(knn_run) + 5):]), flush=True)
+    for name, clouds_n, n, k in ALL_POINTS:
+        patches = torch.randn(clouds_n, n, 3, device=device)
+        knn_run = gpu_knn_contenders(patches, patches, k)
+        want_knn = knn_run["pointclora CUDA kernels (auto)"]()[1]
+        lines += [f"## {name}: {clouds_n:,} clouds of {n} points, every point a query, k={k} "
+                  "(Gaussian)", "", *header]
+        lines += gpu_rows("kNN", knn_run, device, args.reps, knn_agreement, want_knn)
+        lines.append("")
+        print("\n".join(lines[-(len(knn_run) + 5):]), flush=True)
 
     batch = args.train_batch
     lines += [f"## Point-MAE training step (ScanObjectNN setting, full size, B={batch}, "

@@ -330,6 +330,17 @@ def test_torch_compile_traces_the_grouping():
         compiled(torch.full_like(xyz, float("nan")), 24, 8)
 
 
+def test_custom_operators_pass_opcheck():
+    """Schema, fake implementation (shapes and dtypes), autograd and AOT dispatch of the
+    registered operators, as torch's own checker sees them."""
+    xyz = torch.randn(2, 50, 3)
+    for op, args in [(torch.ops.pointclora.furthest_point_sample.default, (xyz, 8, "auto")),
+                     (torch.ops.pointclora.knn.default, (xyz, xyz[:, :5].contiguous(), 4,
+                                                         "auto"))]:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
 def assert_same_picks_up_to_near_ties(xyz: torch.Tensor, got: torch.Tensor,
                                       want: torch.Tensor, rtol: float = 1e-5) -> None:
     """FPS picks equal, except where another implementation took a different point at a
