@@ -43,6 +43,14 @@ ADAPTER_TENSORS = {"full": 0, "linear": 0, "lora": 8, "clora": 6, "serial_lora":
 # factors whose gradient is exactly zero at step 0 because their partner starts at zero
 ZERO_GRAD_AT_START = {"lora": "lora_A", "clora": "clora_bank", "serial_lora": "serial_A",
                       "aoft": "aoft_(down|up)"}
+# every method with its defaults, and the variants of the papers (case -> method, options)
+CASES = {m: (m, {}) for m in METHODS}
+CASES["clora_alpha_output_cov"] = ("clora", {"alpha": 4.0, "sade_similarity": "output_cov"})
+CASES["aoft_plain"] = ("aoft", {"form": "plain"})
+ADAPTER_PARAMS["clora_alpha_output_cov"] = ADAPTER_PARAMS["clora"]
+ADAPTER_PARAMS["aoft_plain"] = BLOCK + r"(qkv|proj)\.aoft_(down|B)"
+ADAPTER_TENSORS.update(clora_alpha_output_cov=6, aoft_plain=8)
+ZERO_GRAD_AT_START.update(clora_alpha_output_cov="clora_bank", aoft_plain="aoft_down")
 HEAD_AND_TOKENS = r"cls_head_finetune\..*|cls_token|cls_pos"
 
 
@@ -90,9 +98,10 @@ def simulate_training(model: nn.Module, points: torch.Tensor) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_trainable_set_and_gradients(method, backbone, points):
-    apply_adapter(backbone, method)
+@pytest.mark.parametrize("case", CASES)
+def test_trainable_set_and_gradients(case, backbone, points):
+    method, options = CASES[case]
+    apply_adapter(backbone, method, **options)
     names = {n for n, _ in backbone.named_parameters()}
     trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
     if method == "full":
@@ -100,10 +109,10 @@ def test_trainable_set_and_gradients(method, backbone, points):
     else:
         keep = HEAD_AND_TOKENS if method != "linear" else r"cls_head_finetune\..*"
         expected = {n for n in names
-                    if re.fullmatch(keep, n) or re.fullmatch(ADAPTER_PARAMS[method], n)}
+                    if re.fullmatch(keep, n) or re.fullmatch(ADAPTER_PARAMS[case], n)}
         assert trainable == expected
-        adapters = [n for n in names if re.fullmatch(ADAPTER_PARAMS[method], n)]
-        assert len(adapters) == ADAPTER_TENSORS[method]
+        adapters = [n for n in names if re.fullmatch(ADAPTER_PARAMS[case], n)]
+        assert len(adapters) == ADAPTER_TENSORS[case]
     loss = F.cross_entropy(backbone.train()(points), LABELS) + regularization_loss(backbone)
     loss.backward()
     got_grad = {n for n, p in backbone.named_parameters() if p.grad is not None}
@@ -113,20 +122,22 @@ def test_trainable_set_and_gradients(method, backbone, points):
         assert reg.shape == () and reg.item() == 0 and reg.device == points.device
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_identity_at_init_and_backbone_untouched(method, backbone, points):
+@pytest.mark.parametrize("case", CASES)
+def test_identity_at_init_and_backbone_untouched(case, backbone, points):
+    method, options = CASES[case]
     reference = backbone(points)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    apply_adapter(backbone, method)
+    apply_adapter(backbone, method, **options)
     assert torch.equal(backbone.eval()(points), reference)
     after = {plain_name(k): v for k, v in backbone.state_dict().items()}
     for key, value in before.items():
         assert torch.equal(after[key], value), key
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_training_steps_change_only_trained_tensors(method, backbone, points):
-    apply_adapter(backbone, method)
+@pytest.mark.parametrize("case", CASES)
+def test_training_steps_change_only_trained_tensors(case, backbone, points):
+    method, options = CASES[case]
+    apply_adapter(backbone, method, **options)
     trained = set(trained_keys(backbone))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     trainable = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
@@ -137,8 +148,8 @@ def test_training_steps_change_only_trained_tensors(method, backbone, points):
         loss = F.cross_entropy(backbone(points), LABELS) + regularization_loss(backbone)
         loss.backward()
         zero = {n for n, p in trainable.items() if not p.grad.any()}
-        if step == 0 and method in ZERO_GRAD_AT_START:
-            pattern = r".*" + ZERO_GRAD_AT_START[method] + r".*"
+        if step == 0 and case in ZERO_GRAD_AT_START:
+            pattern = r".*" + ZERO_GRAD_AT_START[case] + r".*"
             assert zero == {n for n in trainable if re.fullmatch(pattern, n)} != set()
         if step == 1:
             assert zero == set(), f"no gradient reached {sorted(zero)}"
@@ -151,12 +162,13 @@ def test_training_steps_change_only_trained_tensors(method, backbone, points):
         assert "cls_head_finetune.1.running_mean" in trained
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_merge_matches_adapted_model(method, backbone, points):
+@pytest.mark.parametrize("case", CASES)
+def test_merge_matches_adapted_model(case, backbone, points):
+    method, options = CASES[case]
     keys = list(backbone.state_dict())
     structure = [(n, type(m)) for n, m in backbone.named_modules()]
     pretrained_qkv = backbone.blocks.blocks[0].attn.qkv.weight.clone()
-    apply_adapter(backbone, method)
+    apply_adapter(backbone, method, **options)
     simulate_training(backbone, points)
     adapted = backbone(points)
     merge_adapter(backbone)
@@ -171,9 +183,10 @@ def test_merge_matches_adapted_model(method, backbone, points):
     assert backbone.encoder.first_conv[1].training  # BatchNorm follows train() again
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_save_load_round_trip(method, backbone, pretrained, points, tmp_path):
-    apply_adapter(backbone, method)
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_round_trip(case, backbone, pretrained, points, tmp_path):
+    method, options = CASES[case]
+    apply_adapter(backbone, method, **options)
     simulate_training(backbone, points)
     expected = backbone(points)
     payload = adapter_state_dict(backbone)
@@ -186,7 +199,7 @@ def test_save_load_round_trip(method, backbone, pretrained, points, tmp_path):
     assert load_adapter(restored, path) is restored
     assert adapter_config(restored) == adapter_config(backbone)
     assert torch.equal(restored.eval()(points), expected)
-    again = apply_adapter(copy.deepcopy(pretrained), method)  # already adapted the same way
+    again = apply_adapter(copy.deepcopy(pretrained), method, **options)  # adapted the same way
     assert torch.equal(load_adapter(again, payload).eval()(points), expected)
 
 
@@ -329,7 +342,7 @@ def test_any_module_tree_by_name_pattern():
         assert list(net.state_dict()) == keys
         torch.testing.assert_close(net(x), adapted, atol=1e-6, rtol=0)
         reference = adapted
-    with pytest.raises(ValueError, match="no adapter default 'head'.*train_head=False"):
+    with pytest.raises(ValueError, match="no adapter defaults for lora: pass head=.*train_head"):
         apply_adapter(net, "lora", target_modules=["0"])
 
 
@@ -404,12 +417,17 @@ def test_serial_lora_equation_and_merged_weight():
 def test_clora_equation_row_convention():
     layer, x = _layer(), torch.randn(4, 6, dtype=torch.float64)
     bank = CLoRABank(p=2, r=2)
-    wrapped = CLoRALinear(layer, bank, n_slices=3).double()
+    plain = CLoRALinear(layer, bank, n_slices=3).double()
+    scaled = CLoRALinear(layer, bank, n_slices=3, alpha=0.3).double()
     bank.double()
-    _randomise(wrapped)
-    down, up, q = bank.down["6"], bank.up["3"], wrapped.clora_Q
+    _randomise(scaled)
+    with torch.no_grad():
+        plain.clora_Q.copy_(scaled.clora_Q)
+    down, up, q = bank.down["6"], bank.up["3"], scaled.clora_Q
     slices = [x @ sum(down[h] @ q[j, h] @ up[h] for h in range(2)) for j in range(3)]
-    torch.testing.assert_close(wrapped(x), layer(x) + torch.cat(slices, dim=-1))
+    low_rank = torch.cat(slices, dim=-1)
+    torch.testing.assert_close(plain(x), layer(x) + low_rank)
+    torch.testing.assert_close(scaled(x), layer(x) + 0.3 * low_rank)  # Delta W times alpha
 
 
 def naive_q_matrix(q):
@@ -451,6 +469,20 @@ def test_aoft_equation():
     torch.testing.assert_close(wrapped(x), layer(x) + x @ torch.cat(deltas, 0).T)
 
 
+def test_aoft_plain_equation():
+    """LoRA+AOFT without lambda: Delta W_j = B_j AO(q_down_j)^T, B_j zero at the start."""
+    layer, x = _layer(), torch.randn(4, 6, dtype=torch.float64)
+    wrapped = AOFTLinear(layer, r=2, n_slices=3, form="plain").double()
+    assert torch.equal(wrapped(x), layer(x)) and not wrapped.aoft_B.any()
+    assert not hasattr(wrapped, "aoft_scale") and not hasattr(wrapped, "aoft_up")
+    _randomise(wrapped)
+    with torch.no_grad():
+        wrapped.aoft_down[:, 0].abs_()
+    deltas = [wrapped.aoft_B[j] @ naive_q_matrix(wrapped.aoft_down[j])[:, :2].T
+              for j in range(3)]
+    torch.testing.assert_close(wrapped(x), layer(x) + x @ torch.cat(deltas, 0).T)
+
+
 # --- full-size Point-MAE, ScanObjectNN head (cls_dim 15) ---------------------------------
 
 def test_full_size_parameter_counts():
@@ -475,11 +507,12 @@ def test_full_size_parameter_counts():
         assert lora["trainable"] == 4 * serial["trainable"] == blocks * 4 * 2 * d * r
 
 
-@pytest.mark.parametrize("method", ["lora", "clora", "serial_lora", "aoft"])
-def test_low_rank_backward_matches_plain_autograd(method, backbone, points):
+@pytest.mark.parametrize("case", [c for c, (m, _) in CASES.items() if m not in ("full", "linear")])
+def test_low_rank_backward_matches_plain_autograd(case, backbone, points):
     """The hand-written backward of the low-rank layers gives the gradients plain autograd
     gives through the dense ``W + Delta W`` path, for every trainable tensor (float64)."""
-    apply_adapter(backbone.double(), method)
+    method, options = CASES[case]
+    apply_adapter(backbone.double(), method, **options)
     simulate_training(backbone, points.double())  # away from Delta W = 0, where terms vanish
     reference = copy.deepcopy(backbone)
     wrappers = [m for m in reference.modules() if isinstance(m, LowRankLinear)]

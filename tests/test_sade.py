@@ -20,6 +20,8 @@ def naive_sade(down, up, q, similarity, eps):
                 a, b = parts[h], parts[k]
                 if similarity == "cross_gram":
                     num = (a @ b.T).square().sum()
+                elif similarity == "output_cov":
+                    num = (a.T @ b).square().sum()
                 else:
                     num = (a * b).sum().square()
                 total = total + num / (a.square().sum() * b.square().sum() + eps)
@@ -32,7 +34,10 @@ def random_factors(m=3, p=3, r=4, d_in=11, d_out=7, seed=0):
     return make(p, d_in, r), make(p, r, d_out), make(m, p, r, r)
 
 
-@pytest.mark.parametrize("similarity", ["cross_gram", "cosine"])
+SIMILARITIES = ["cross_gram", "output_cov", "cosine"]
+
+
+@pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("eps", [1e-8, 0.5])
 def test_value_and_gradient_match_naive_formula(similarity, eps):
     down, up, q = random_factors()
@@ -49,26 +54,39 @@ def test_value_and_gradient_match_naive_formula(similarity, eps):
 def test_more_spaces_than_dimensions_and_rank_one():
     for p, r, d_in, d_out in [(5, 3, 4, 6), (2, 1, 3, 3)]:
         down, up, q = random_factors(m=2, p=p, r=r, d_in=d_in, d_out=d_out, seed=p)
-        for similarity in ("cross_gram", "cosine"):
+        for similarity in SIMILARITIES:
             torch.testing.assert_close(
                 sade(down, up, q, similarity), naive_sade(down, up, q, similarity, 1e-8)
             )
 
 
-def test_scale_free_and_bounded():
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_scale_free_and_bounded(similarity):
     down, up, q = random_factors()
-    base = sade(down, up, q, "cross_gram", eps=1e-12)
+    base = sade(down, up, q, similarity, eps=1e-12)
     scaled = sade(down, up, q * torch.tensor([3.0, 0.1, 7.0], dtype=q.dtype)[:, None, None, None],
-                  "cross_gram", eps=1e-12)
+                  similarity, eps=1e-12)
     torch.testing.assert_close(base, scaled)
-    # ||A_h A_k^T|| <= ||A_h|| ||A_k||: each of the m p (p - 1) terms is at most one
+    # ||A_h A_k^T||, ||A_h^T A_k||, |<A_h, A_k>| <= ||A_h|| ||A_k||: each of the
+    # m p (p - 1) terms is at most one
     assert 0 < base <= q.shape[0] * 3 * 2
+
+
+def test_output_cov_differs_from_cross_gram():
+    """Parts that read orthogonal input subspaces and write the same output space: their
+    outputs are uncorrelated (A_h^T A_k = 0 as D_h^T D_k = 0) while A_h A_k^T is not."""
+    down, up, q = random_factors(m=1, p=2, r=2, d_in=4, d_out=3)
+    with torch.no_grad():
+        down.copy_(torch.eye(4, dtype=down.dtype).reshape(4, 2, 2).permute(1, 0, 2))
+        up[1] = up[0]
+    assert sade(down, up, q, "output_cov", eps=0.0) == 0
+    assert sade(down, up, q, "cross_gram", eps=0.0) > 0
 
 
 def test_zero_modules_give_zero_value_and_finite_gradient():
     down, up, q = random_factors()
     q = torch.zeros_like(q, requires_grad=True)
-    for similarity in ("cross_gram", "cosine"):
+    for similarity in SIMILARITIES:
         value = sade(down, up, q, similarity)
         assert value.item() == 0
         assert all(torch.isfinite(g).all() for g in torch.autograd.grad(value, (down, up, q)))
@@ -99,12 +117,13 @@ class _LargestOutput(TorchFunctionMode):
         return out
 
 
-def test_never_forms_d_by_d_matrices():
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_never_forms_d_by_d_matrices(similarity):
     d, p, r, m = 384, 4, 8, 3
     down, up = torch.randn(p, d, r), torch.randn(p, r, d)
     q = torch.randn(m, p, r, r, requires_grad=True)
     with _LargestOutput() as probe:
-        sade(down, up, q, "cross_gram")
+        sade(down, up, q, similarity)
     assert probe.largest < d * d // 8  # the inputs themselves hold p d r = d^2 / 12 entries
 
 

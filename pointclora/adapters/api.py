@@ -148,9 +148,10 @@ def _check_kept_exist(model: nn.Module, method: Method) -> None:
             "tokens": o.tokens if o.train_tokens else None,
             "modules_to_save": o.modules_to_save}
     for option_name, pattern in kept.items():
-        entries = [pattern] if isinstance(pattern, str) else [[e] for e in pattern or ()]
+        entries = [pattern] if isinstance(pattern, str) else pattern or []
         for entry in entries:
-            if not any(_owned_by(n, entry) for n in names):
+            as_pattern = entry if isinstance(pattern, str) else [entry]
+            if not any(_owned_by(n, as_pattern) for n in names):
                 switch = {"head": "train_head", "tokens": "train_tokens"}.get(option_name)
                 hint = f", or pass {switch}=False" if switch else ""
                 raise ValueError(
