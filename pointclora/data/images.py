@@ -198,45 +198,46 @@ def build_image_folder(cfg: dict, split: str) -> ImageFiles:
 
 # ---- synthetic images ----------------------------------------------------------------------
 
-SYNTHETIC_IMAGE_CLASSES = ("disc", "square", "ring", "cross", "h_stripes", "v_stripes",
-                           "diagonal", "checker", "triangle", "two_dots")
+SYNTHETIC_IMAGE_CLASSES = ("disc", "ring", "h_stripes", "v_stripes", "diagonal", "antidiagonal",
+                           "checker", "dots", "fine_h_stripes", "fine_v_stripes")
 SPLIT_IDS = {"train": 0, "test": 1}
 
 
 def _masks(kind: int, g: torch.Generator, S: int, size: int) -> torch.Tensor:
-    """(S, size, size) foreground masks of class ``kind``: random centre, scale, phase."""
+    """(S, size, size) foreground masks of class ``kind`` (random centre, radius, period and
+    phase per image): two shapes and eight periodic textures told apart by orientation,
+    layout and frequency."""
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
                             indexing="ij")
-    u = torch.rand(S, 6, generator=g)
-    cx, cy = (u[:, 0] - 0.5) * 0.6, (u[:, 1] - 0.5) * 0.6
-    r = 0.3 + 0.3 * u[:, 2]
-    x = xx - cx.view(S, 1, 1)
-    y = yy - cy.view(S, 1, 1)
-    r3 = r.view(S, 1, 1)
-    period = (0.25 + 0.2 * u[:, 3]).view(S, 1, 1)
-    phase = u[:, 4].view(S, 1, 1)
-    stripes = lambda t: ((t / period + phase) % 1) < 0.5  # noqa: E731
-    masks = {
-        0: x**2 + y**2 < r3**2,
-        1: (x.abs() < r3 * 0.85) & (y.abs() < r3 * 0.85),
-        2: ((x**2 + y**2).sqrt() - r3).abs() < 0.12,
-        3: ((x.abs() < 0.12) | (y.abs() < 0.12)) & (x.abs() < r3) & (y.abs() < r3),
-        4: stripes(yy + 0 * x),
-        5: stripes(xx + 0 * y),
-        6: stripes((xx + yy) / math.sqrt(2)),
-        7: stripes(xx) ^ stripes(yy),
-        8: (y < r3 * 0.8) & (y > -r3 * 0.8 + 2 * x.abs()),
-        9: ((x - r3 * 0.7) ** 2 + y**2 < 0.04) | ((x + r3 * 0.7) ** 2 + y**2 < 0.04),
-    }
-    return masks[kind]
+    u = torch.rand(S, 5, 1, 1, generator=g)
+    x, y = xx - (u[:, 0] - 0.5) * 0.4, yy - (u[:, 1] - 0.5) * 0.4
+    radius = 0.4 + 0.3 * u[:, 2]
+    fine = kind >= 8
+    period = (0.2 + 0.05 * u[:, 3]) if fine else (0.45 + 0.15 * u[:, 3])
+
+    def stripes(t: torch.Tensor) -> torch.Tensor:
+        return ((t / period + u[:, 4]) % 1) < 0.5
+
+    if kind == 0:
+        return x**2 + y**2 < radius**2
+    if kind == 1:
+        return ((x**2 + y**2).sqrt() - radius).abs() < 0.15
+    if kind == 6:
+        return stripes(xx) ^ stripes(yy)
+    if kind == 7:
+        return stripes(xx) & stripes(yy)
+    direction = {2: yy, 3: xx, 4: (xx + yy) / math.sqrt(2), 5: (xx - yy) / math.sqrt(2),
+                 8: yy, 9: xx}[kind]
+    return stripes(direction)
 
 
 def generate_images(num_classes: int = 10, samples_per_class: int = 100, size: int = 32,
                     seed: int = 0, split: str = "train", noise: float = 0.1
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images (C * S, 3, size, size), int64 labels): a coloured pattern per class on
-    a random background colour, plus Gaussian pixel noise. Each (seed, split, class) has its
-    own random stream, so splits differ and results do not depend on the class count."""
+    """(uint8 images (C * S, 3, size, size), int64 labels): a pattern per class in a random
+    colour on a random background colour, plus Gaussian pixel noise. Each (seed, split,
+    class) has its own random stream, so splits differ and a class's images do not depend
+    on the class count."""
     if not 1 <= num_classes <= len(SYNTHETIC_IMAGE_CLASSES):
         raise DataError(f"synthetic image num_classes must be in 1..{len(SYNTHETIC_IMAGE_CLASSES)}"
                         f" ({', '.join(SYNTHETIC_IMAGE_CLASSES)}); got {num_classes}")
