@@ -1,8 +1,9 @@
 """Official key layouts and checkpoint loading, against the key lists of the official models.
 
-Checkpoint files are synthesised in each official layout from ``tests/fixtures/keys/*.tsv`` (every key and
-shape, decoder / dVAE / momentum-encoder / queue keys included). Tensors that only need a shape
-are stride-0 expansions of one number, so even full-size files cost a few kilobytes.
+Checkpoint files are synthesised in each official layout from ``tests/fixtures/keys/*.tsv``
+(every key and shape, decoder / dVAE / momentum-encoder / queue keys included). Tensors that
+only need a shape are stride-0 expansions of one number, so even full-size files cost a few
+kilobytes.
 """
 import argparse
 import copy
@@ -288,7 +289,8 @@ def test_safetensors_file_loads(fixtures, tmp_path):
     """The safe format tools/convert_checkpoint.py writes for files that pickle objects."""
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in official_state(fixtures, "mae_pretrain", depth=2).items()}
+    state = official_state(fixtures, "mae_pretrain", depth=2)
+    state = {k: v.contiguous() for k, v in state.items()}
     path = tmp_path / "pretrain.safetensors"
     save_file(state, str(path))
     model = model_with_seed(PointMAE, 0)
@@ -415,7 +417,8 @@ def test_dvae_file_is_not_a_backbone(fixtures, tmp_path):
     path = save(tmp_path / "dVAE.pth", dvae)
     for cls in (PointBERT, PointMAE):
         with pytest.raises(CheckpointError, match=(
-                r"dVAE\.pth: no Point-(BERT|MAE) backbone found \(no keys of its checkpoint layouts")):
+                r"dVAE\.pth: no Point-(BERT|MAE) backbone found \(no keys of its checkpoint "
+                r"layouts")):
             model_with_seed(cls, 0, depth=1).load_pretrained(path)
 
 

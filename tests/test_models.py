@@ -410,7 +410,7 @@ def test_a_backbone_added_from_one_file_loads_its_own_layout_and_trains(toy, tmp
         assert torch.equal(state[key], value) != key.startswith("head."), key
     report = str(next(r.getMessage() for r in caplog.records if "Loaded" in r.getMessage()))
     n = len(source)
-    assert f"Loaded {n - 2}/{n} model tensors from {path} (ToyNet pre-training checkpoint)" in report
+    assert f"Loaded {n - 2}/{n} model tensors from {path} (ToyNet pre-training" in report
     assert "expected missing (kept at init): head.* (2)" in report
     assert "student.predictor.weight" in report and "teacher.embed.weight" in report
 

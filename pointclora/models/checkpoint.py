@@ -207,11 +207,12 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False, *,
     """The flat state dict held by a checkpoint file, on the CPU, wrapper prefixes removed.
 
     Accepts the official container (a dict with ``base_model``), a dict with ``model``, a
-    bare state dict, or a ``.safetensors`` file. Files are read with ``weights_only=True``; a file that also pickles other
-    Python objects (a config object, say) raises :class:`UnsafeCheckpointError` unless
-    ``trust_pickle=True`` is passed for this call (the official code read such files in full,
-    which runs any code they hold). PointCLoRA adapter files and training checkpoints of
-    adapter runs are refused with the command that uses them (see :func:`_refuse_run_files`).
+    bare state dict, or a ``.safetensors`` file. Files are read with ``weights_only=True``;
+    a file that also pickles other Python objects (a config object, say) raises
+    :class:`UnsafeCheckpointError` unless ``trust_pickle=True`` is passed for this call (the
+    official code read such files in full, which runs any code they hold). PointCLoRA
+    adapter files and adapter runs' training checkpoints are refused with the commands that
+    use them (see :func:`_refuse_run_files`).
     ``weights_hint`` (where the weights come from) completes the missing-file message.
     """
     path = Path(path)

@@ -1,10 +1,10 @@
 """The backbone registry: the ``model.name`` of a config -> the model class.
 
-A backbone registers itself with ``@register_backbone("name")`` in its own module; every module
-of ``pointclora.models`` is imported with the package, so one new file is all a new backbone
-needs. The class's ``checkpoint`` attribute (a :class:`~pointclora.models.checkpoint.CheckpointSpec`)
-tells the loader which files are its own, and ``adapter_defaults`` tells the adapters where to
-inject (see docs/architecture.md).
+A backbone registers itself with ``@register_backbone("name")`` in its own module; every
+module of ``pointclora.models`` is imported with the package, so one new file is all a new
+backbone needs. The class's ``checkpoint`` attribute (a
+:class:`~pointclora.models.checkpoint.CheckpointSpec`) tells the loader which files are its
+own, and ``adapter_defaults`` tells the adapters where to inject (see docs/architecture.md).
 """
 from __future__ import annotations
 
