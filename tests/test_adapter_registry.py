@@ -86,6 +86,14 @@ def toy_method():
     del METHOD_REGISTRY["toy"]
 
 
+@torch.no_grad()
+def nudge_trainable(model: nn.Module) -> None:
+    """Move every trainable tensor away from its init, as training would."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(0.05 * torch.randn_like(p))
+
+
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
@@ -228,10 +236,7 @@ def test_a_file_written_before_the_registry_still_loads(tiny, points):
     modules_to_save, CLoRA alpha): they load with the same result."""
     pretrained = copy.deepcopy(tiny)
     apply_adapter(tiny, "clora", r=2, p=2)
-    with torch.no_grad():
-        for p in tiny.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
+    nudge_trainable(tiny)
     payload = adapter_state_dict(tiny)
     for new in ("head", "tokens", "modules_to_save", "alpha"):
         del payload["options"][new]
@@ -284,10 +289,7 @@ def test_timm_vit_identity_merge_and_strict_reload(timm, vit_defaults, method, o
     reference = vit(images)
     apply_adapter(vit, method, **options)
     assert torch.equal(vit(images), reference)
-    with torch.no_grad():
-        for p in vit.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    nudge_trainable(vit)
     adapted = vit(images)
     merge_adapter(vit)
     fresh.load_state_dict(vit.state_dict(), strict=True)  # a plain timm model again
