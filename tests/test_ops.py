@@ -396,8 +396,9 @@ def test_cuda_fps_matches_cpu(kind, cuda_ops):
     assert ops.backend_info()["cuda"]["furthest_point_sample"] == "kernels"
 
 
-# k per kNN list size (16, 32, 64, 128), each with both variants.
-KNN_CASES = [(2048, 128, 16), (2048, 128, 32), (1024, 64, 64), (300, 40, 100), (9000, 33, 128)]
+# k per kNN list size (16, 32, 64, 128), each with both variants; N < 32 (auto: thread).
+KNN_CASES = [(2048, 128, 16), (2048, 128, 32), (1024, 64, 64), (300, 40, 100), (9000, 33, 128),
+             (20, 20, 20)]
 
 
 @pytest.mark.gpu

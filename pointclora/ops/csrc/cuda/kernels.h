@@ -10,7 +10,7 @@ namespace pointclora {
 // Largest k served by the kNN kernels (sorted lists in registers or local memory).
 constexpr int64_t kKnnMaxK = 128;
 
-// kNN kernel variants: one thread per query (many queries), one warp per query (few).
+// kNN kernel variants: one thread per query, one warp per query.
 enum class KnnVariant : int64_t { kAuto = 0, kThread = 1, kWarp = 2 };
 
 // xyz (b, n, 3) float32, out (b, m) int64. temp: (b, n) float32 scratch, used (and needed)
@@ -19,9 +19,8 @@ bool fps_needs_scratch(int64_t n);
 cudaError_t launch_furthest_point_sample(const float* xyz, int64_t b, int64_t n, int64_t m,
                                          float* temp, int64_t* out, cudaStream_t stream);
 
-// The variant `kAuto` resolves to for b clouds of n points and m queries each, on a GPU
-// with `multiprocessors` SMs.
-KnnVariant knn_auto_variant(int64_t b, int64_t n, int64_t m, int multiprocessors);
+// The variant `kAuto` resolves to for clouds of n points.
+KnnVariant knn_auto_variant(int64_t n);
 
 // ref (b, n, 3), query (b, m, 3) float32; dist (b, m, k) float32, idx (b, m, k) int64.
 // `variant` must not be kAuto.

@@ -44,7 +44,7 @@ at::Tensor furthest_point_sample(const at::Tensor& xyz, int64_t npoint) {
   return out;
 }
 
-// variant: 0 picks by problem size, 1 forces one thread per query, 2 one warp per query.
+// variant: 0 picks by cloud size, 1 forces one thread per query, 2 one warp per query.
 std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& ref, const at::Tensor& query,
                                        int64_t k, int64_t variant) {
   check_cloud(ref, "knn", "ref");
@@ -61,13 +61,7 @@ std::tuple<at::Tensor, at::Tensor> knn(const at::Tensor& ref, const at::Tensor& 
   at::Tensor idx = at::empty({b, m, k}, ref.options().dtype(at::kLong));
   if (b == 0 || m == 0) return {dist, idx};
   auto chosen = static_cast<pointclora::KnnVariant>(variant);
-  if (chosen == pointclora::KnnVariant::kAuto) {
-    int multiprocessors = 0;
-    check_launch(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
-                                        ref.device().index()),
-                 "knn");
-    chosen = pointclora::knn_auto_variant(b, n, m, multiprocessors);
-  }
+  if (chosen == pointclora::KnnVariant::kAuto) chosen = pointclora::knn_auto_variant(n);
   check_launch(pointclora::launch_knn(ref.data_ptr<float>(), query.data_ptr<float>(), b, n, m,
                                       k, chosen, dist.data_ptr<float>(),
                                       idx.data_ptr<int64_t>(),
