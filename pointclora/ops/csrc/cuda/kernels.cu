@@ -348,9 +348,9 @@ cudaError_t launch_furthest_point_sample(const float* xyz, int64_t b, int64_t n,
   return launch_fps<0>(xyz, b, n, m, temp, out, stream);
 }
 
-// Measured on an H200 (docs/ops.md): one warp per query was faster in every setting tried,
-// from B=1, M=128 (36x) to 2M queries into 32-point clouds (1.2x) and every-point kNN
-// graphs (1.3x to 3.4x).
+// Measured on an H200 (docs/ops.md): one warp per query was faster in every setting tried:
+// 10-35x with 64 to 512 centres per cloud, 3.4-7.9x for every-point kNN graphs, 1.2x for
+// 2M queries into 32-point clouds.
 KnnVariant knn_auto_variant(int64_t n) {
   return n >= kKnnWarpMinPoints ? KnnVariant::kWarp : KnnVariant::kThread;
 }
