@@ -36,7 +36,7 @@ setup(
         "ninja",  # torch.utils.cpp_extension builds the point ops with it
     ],
     extras_require={
-        # pointnet2_ops is not on PyPI: it is used when importable, never required.
+        # pointnet2_ops is not on PyPI: used for FPS only when asked for, never required.
         "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.4"],
         "bench": ["fpsample>=0.3"],
     },
