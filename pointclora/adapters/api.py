@@ -8,6 +8,7 @@ attribute ``model.pointclora_adapter`` (not in the state dict).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
 import re
@@ -125,7 +126,7 @@ def _set_trainable(model: nn.Module, method: Method, created: set[int]) -> None:
         model.requires_grad_(True)
         return
     model.requires_grad_(False)
-    kept = method.options.kept_trainable()
+    kept = method.options.kept_trainable().values()
     for name, param in model.named_parameters():
         if id(param) in created or any(_owned_by(name, k) for k in kept):
             param.requires_grad_(True)
@@ -142,18 +143,15 @@ def _check_kept_exist(model: nn.Module, method: Method) -> None:
     """Every name the options keep trainable matches a parameter (typos fail loudly)."""
     if method.trains_backbone:
         return
-    o = method.options
+    switches = {f.name: f.metadata["needed_if"] for f in dataclasses.fields(method.options)}
     names = [n for n, _ in model.named_parameters()]
-    kept = {"head": o.head if o.train_head else None,
-            "tokens": o.tokens if o.train_tokens else None,
-            "modules_to_save": o.modules_to_save}
-    for option_name, pattern in kept.items():
-        entries = [pattern] if isinstance(pattern, str) else pattern or []
+    for option_name, pattern in method.options.kept_trainable().items():
+        entries = [pattern] if isinstance(pattern, str) else pattern
         for entry in entries:
             as_pattern = entry if isinstance(pattern, str) else [entry]
             if not any(_owned_by(n, as_pattern) for n in names):
-                switch = {"head": "train_head", "tokens": "train_tokens"}.get(option_name)
-                hint = f", or pass {switch}=False" if switch else ""
+                switch = switches[option_name]
+                hint = f", or pass {switch}=False" if isinstance(switch, str) else ""
                 raise ValueError(
                     f"{option_name}={pattern!r}: {entry!r} matches no parameter of "
                     f"{type(model).__name__}; name what it should keep trainable{hint}")

@@ -71,8 +71,6 @@ def option(default: Any, check: Check, help: str, *, model_default: str | None =
     """
     meta = {"check": check, "help": help, "model_default": model_default,
             "needed_if": needed_if}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -163,11 +161,12 @@ class FrozenBackboneOptions(Options):
     modules_to_save: list[str] | str | None = option(
         None, NAMES, "more modules or parameters that train and are saved")
 
-    def kept_trainable(self) -> list[list[str] | str]:
-        """Name patterns of the parameters that train besides the adapters."""
-        kept = [self.head if self.train_head else None,
-                self.tokens if self.train_tokens else None, self.modules_to_save]
-        return [k for k in kept if k is not None]
+    def kept_trainable(self) -> dict[str, list[str] | str]:
+        """Option name -> name pattern of the parameters that train besides the adapters."""
+        kept = {"head": self.head if self.train_head else None,
+                "tokens": self.tokens if self.train_tokens else None,
+                "modules_to_save": self.modules_to_save}
+        return {name: pattern for name, pattern in kept.items() if pattern is not None}
 
 
 @dataclass
