@@ -3,7 +3,6 @@ inputs to the tools. Tiny synthetic runs (1-3 epochs of a depth-1 model)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pickle
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import load_tool
 
 from pointclora.data.common import DataError, check_points
 from pointclora.data.modelnet40 import ModelNet40Files
@@ -31,14 +31,7 @@ TINY = {
 }
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool, test_tool, flops_tool = _tool("train"), _tool("test"), _tool("flops")
+train_tool, test_tool, flops_tool = (load_tool(n) for n in ("train", "test", "flops"))
 
 
 def write_config(path: Path, **sections) -> Path:

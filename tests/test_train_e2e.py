@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import pickle
@@ -15,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import load_tool
 
 from pointclora.adapters import parameter_report
 from pointclora.config import load_config
 from pointclora.data import protocol_description
 from pointclora.data.synthetic import generate
 from pointclora.engine import load_checkpoint, restore_model
+from pointclora.engine.tasks import TASKS, ClassificationTask, build_task, register_task
 from pointclora.engine import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,14 +35,7 @@ TINY = {
 }
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tool, test_tool = _tool("train"), _tool("test")
+train_tool, test_tool = load_tool("train"), load_tool("test")
 
 
 def write_config(path: Path, data: dict | None = None, **sections) -> Path:
@@ -104,6 +98,31 @@ def test_metrics_json_matches_the_log_and_the_model(trained):
     model, _ = restore_model(cfg, load_checkpoint(run / "checkpoints" / "last.pth"))
     assert metrics["parameters"] == parameter_report(model)
     assert metrics["wall_time_s"] > 0 and metrics["world_size"] == 1
+    assert metrics["task"] == "classification" and metrics["derived"] == {"model": {"cls_dim": 4}}
+    # Mean class and per-class accuracy of the best epoch, from its confusion matrix.
+    counts = np.array(metrics["confusion"]["counts"])
+    per_class = metrics["per_class_acc"]
+    assert list(per_class) == metrics["confusion"]["classes"] == ["sphere", "cube", "cylinder",
+                                                                  "cone"]
+    for i, (name, row) in enumerate(per_class.items()):
+        assert row["samples"] == counts[i].sum() == 12, name
+        assert row["acc"] == pytest.approx(100 * counts[i, i] / 12)
+    assert metrics["best_acc"] == pytest.approx(100 * np.trace(counts) / counts.sum())
+    assert metrics["best_macc"] == pytest.approx(np.mean([r["acc"] for r in per_class.values()]))
+    macc = [float(r["test_macc"]) for r in read_log(run)]
+    assert metrics["best_macc"] == pytest.approx(macc[metrics["best_epoch"]])
+
+
+def test_peft_on_a_random_backbone_is_flagged_loudly(trained, tmp_path):
+    _, run = trained
+    warnings = json.loads((run / "metrics.json").read_text())["warnings"]
+    assert len(warnings) == 1 and "RANDOMLY INITIALISED" in warnings[0]
+    assert "WARNING: model.pretrained is null" in (run / "train.log").read_text()
+    # Full fine-tuning of a random model is ordinary training: no warning.
+    config = write_config(tmp_path / "full.yaml", adapter={"method": "full"},
+                          train={"epochs": 1})
+    assert train_tool.main(["--config", str(config), "--out", str(tmp_path / "full")]) == 0
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["warnings"] == []
 
 
 def test_checkpoints_are_adapter_only_plus_the_unrecoverable_random_backbone(trained):
@@ -135,6 +154,47 @@ def test_test_tool_reproduces_the_accuracy_saved_at_training_time(trained, tmp_p
                            "--json", str(out)]) == 0
     voted = json.loads(out.read_text())
     assert voted["views"] == 3 and 0 <= voted["acc"] <= 100
+    assert voted["voting"] == "3-view voting"
+
+
+def test_test_tool_reports_mean_class_accuracy_per_class_table_and_confusion(trained, tmp_path,
+                                                                             capsys):
+    _, run = trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    out, png = tmp_path / "r.json", tmp_path / "cm.png"
+    capsys.readouterr()
+    assert test_tool.main(["--ckpt", str(run / "checkpoints/best.pth"), "--json", str(out),
+                           "--confusion", str(png)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["voting"] == "none (single pass)"
+    assert result["macc"] == metrics["best_macc"]
+    assert result["per_class_acc"] == metrics["per_class_acc"]
+    assert result["confusion"] == metrics["confusion"]
+    assert f"mean class {metrics['best_macc']:.2f}%" in printed
+    for name, row in metrics["per_class_acc"].items():
+        assert any(line.split() == [name, f"{row['acc']:.2f}", "12"]
+                   for line in printed.splitlines()), name
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_best_of_repeated_voting_is_the_max_over_seeded_repeats_and_says_so(trained, tmp_path,
+                                                                            capsys):
+    _, run = trained
+    ckpt, out = str(run / "checkpoints/best.pth"), tmp_path / "r.json"
+    singles = []
+    for seed in range(3):  # repeat r is the voted evaluation under train.seed + r
+        assert test_tool.main(["--ckpt", ckpt, "--vote", "2", "--set", f"train.seed={seed}",
+                               "--json", str(out)]) == 0
+        singles.append(json.loads(out.read_text())["acc"])
+    capsys.readouterr()
+    assert test_tool.main(["--ckpt", ckpt, "--vote", "2", "--vote-repeats", "3",
+                           "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["acc"] == max(singles)
+    assert result["repeat_stats"]["mean"] == pytest.approx(np.mean(singles))
+    assert result["voting"].startswith("best of 3 repeats of 2-view voting")
+    assert "best of 3 repeats" in capsys.readouterr().out
 
 
 def test_an_existing_run_dir_is_refused_untouched(trained, capsys):
@@ -193,6 +253,42 @@ def test_sigterm_saves_the_finished_epoch_and_resume_continues_exactly(tmp_path,
     assert (ma["best_acc"], ma["final_acc"]) == (mb["best_acc"], mb["final_acc"])
 
 
+def test_ctrl_c_mid_epoch_exits_130_with_the_resume_command_and_no_traceback(tmp_path,
+                                                                            monkeypatch, capsys):
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 4})
+    run = tmp_path / "run"
+    calls = []
+    regularization_loss = trainer_module.regularization_loss
+
+    def ctrl_c_in_epoch_2(model):  # called once per training step; 6 steps per epoch
+        calls.append(1)
+        if len(calls) == 2 * 6 + 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return regularization_loss(model)
+
+    monkeypatch.setattr(trainer_module, "regularization_loss", ctrl_c_in_epoch_2)
+    assert train_tool.main(["--config", str(config), "--out", str(run),
+                            "--set", "train.lr=1e-3"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SIGINT" in err and "epochs up to 1" in err
+    assert err.strip().splitlines()[-1].split()[2:] == [
+        "--config", str(config), "--out", str(run), "--set", "train.lr=1e-3", "--resume"]
+    assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 1
+    assert [int(r["epoch"]) for r in read_log(run)] == [0, 1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path,
+                                                                           monkeypatch, capsys):
+    config = write_config(tmp_path / "tiny.yaml")
+    monkeypatch.setattr(trainer_module, "regularization_loss",
+                        lambda model: os.kill(os.getpid(), signal.SIGINT))
+    assert train_tool.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "nothing to resume" in err
+    assert "--resume" not in err.strip().splitlines()[-1]
+
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     config = write_config(tmp_path / "tiny.yaml")
     assert train_tool.main(["--config", str(config), "--out", str(tmp_path / "none"),
@@ -200,13 +296,30 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
     assert "last.pth" in capsys.readouterr().err
 
 
+# tools/train.py with a spy on evaluation: each rank appends the sums of the buffers of the
+# model it evaluates with (BatchNorm running statistics) to buffers_<rank>.txt.
+SPY = """
+import os, runpy, sys
+from pointclora.engine import trainer
+real, out = trainer.collect, sys.argv[1]
+def spy(model, *args, **kwargs):
+    with open(os.path.join(out, f"buffers_{os.environ['RANK']}.txt"), "a") as f:
+        f.write(repr([b.double().sum().item() for b in model.buffers()]) + "\\n")
+    return real(model, *args, **kwargs)
+trainer.collect = spy
+sys.argv = [sys.argv[2]] + sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path):
     config = write_config(tmp_path / "tiny.yaml", train={"epochs": 2})
     run = tmp_path / "ddp"
+    (tmp_path / "spy.py").write_text(SPY)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(  # `python -m torch.distributed.run` is the `torchrun` command
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tools/train.py"),
+         str(tmp_path / "spy.py"), str(tmp_path), str(REPO / "tools/train.py"),
          "--config", str(config), "--out", str(run), "--device", "cpu"],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -216,6 +329,16 @@ def test_torchrun_two_processes_write_one_set_of_outputs(tmp_path):
     assert proc.stdout.count("best test accuracy") == 1  # rank 0 alone reports
     ckpt = load_checkpoint(run / "checkpoints/last.pth")
     assert len(ckpt["rng"]) == 2  # both ranks' random streams, for an exact resume
+    # Both ranks evaluated their test shards with the same buffers (rank 0's, the saved
+    # ones), so the saved model re-evaluates in one process to what the two ranks recorded.
+    seen = [(tmp_path / f"buffers_{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert len(seen[0]) == 2 and seen[0] == seen[1]
+    out = tmp_path / "r.json"
+    for name, key in (("best", "best"), ("last", "final")):
+        assert test_tool.main(["--ckpt", str(run / f"checkpoints/{name}.pth"), "--json",
+                               str(out), "--device", "cpu"]) == 0
+        result = json.loads(out.read_text())
+        assert (result["acc"], result["macc"]) == (metrics[f"{key}_acc"], metrics[f"{key}_macc"])
 
 
 def _write_folds(root: Path, folds: int, way: int = 3) -> None:
@@ -251,6 +374,66 @@ def test_fewshot_folds_in_one_command_write_mean_and_std(tmp_path):
     assert train_tool.main(["--config", str(config), "--out", str(run), "--folds", "0-1",
                             "--resume"]) == 0
     assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_stored_paths_are_absolute_so_test_py_works_from_another_folder(tmp_path,
+                                                                       monkeypatch):
+    _write_folds(tmp_path / "work" / "folds", 1)
+    monkeypatch.chdir(tmp_path / "work")
+    write_config(Path("fs.yaml"), train={"epochs": 1},
+                 data={"name": "modelnet40_fewshot", "root": "folds", "way": 3, "shot": 8,
+                       "fold": 0, "npoints": 64})
+    assert train_tool.main(["--config", "fs.yaml", "--out", "run"]) == 0
+    saved = load_config(tmp_path / "work" / "run" / "config.yaml")
+    assert saved["data"]["root"] == str(tmp_path / "work" / "folds")
+    assert saved["output_dir"] == str(tmp_path / "work" / "run")
+    metrics = json.loads(Path("run/metrics.json").read_text())
+    monkeypatch.chdir(tmp_path)  # elsewhere: the relative "folds" no longer resolves
+    out = tmp_path / "r.json"
+    assert test_tool.main(["--ckpt", "work/run/checkpoints/best.pth", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["acc"] == metrics["best_acc"]
+
+
+class Backwards(ClassificationTask):
+    """A toy task on the synthetic shapes: twice the cross-entropy, and "best" is the epoch
+    with the LOWEST accuracy (so the engine's choice shows whose rule it follows)."""
+
+    name = "toy_backwards"
+    datasets = ("synthetic",)
+    log_metrics = ("acc", "err")
+    best_metric = "err"
+    losses: list = []
+
+    def loss(self, output, target):
+        value = 2 * super().loss(output, target)
+        self.losses.append(value.item())
+        return value
+
+    def metrics(self, records, class_names):
+        out = super().metrics(records, class_names)
+        return {**out, "err": 100.0 - out["acc"]}
+
+
+def test_a_task_registered_from_a_test_file_drives_loss_metrics_and_best(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 4, "lr": 0.05})
+    try:
+        register_task(Backwards)
+        assert train_tool.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    finally:
+        TASKS.pop(Backwards.name)
+    run = tmp_path / "run"
+    rows = read_log(run)
+    assert len(Backwards.losses) == 4 * 6  # 48 shapes, batch 8: 6 steps per epoch
+    errs = [float(r["test_err"]) for r in rows]
+    assert [float(r["test_acc"]) for r in rows] == pytest.approx([100 - e for e in errs])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "toy_backwards" and metrics["best_metric"] == "err"
+    assert metrics["best_epoch"] == errs.index(max(errs))
+    assert metrics["best_err"] == max(errs)
+    assert load_checkpoint(run / "checkpoints/best.pth")["epoch"] == metrics["best_epoch"]
+    # The logged loss is the task's (twice the cross-entropy), averaged per epoch.
+    assert float(rows[0]["train_loss"]) == pytest.approx(np.mean(Backwards.losses[:6]))
+    assert build_task(load_config(run / "config.yaml")).name == "classification"
 
 
 def test_run_on_real_modelnet40_files(shared_data, tmp_path):

@@ -7,7 +7,6 @@ knowingly with --trust-pickle, does run the payload: that proves the payload is 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import load_tool
 
 from pointclora.adapters import load_adapter
 from pointclora.config import load_config
@@ -44,13 +44,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (self.command,)
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tool(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
