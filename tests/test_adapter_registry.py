@@ -180,7 +180,7 @@ def test_options_name_what_is_wrong():
     assert LoRAOptions(target_modules=("a", "b")).target_modules == ["a", "b"]
 
 
-def test_defaults_come_from_the_model(tiny):
+def test_defaults_come_from_the_model(tiny, monkeypatch):
     declared = resolve_options("lora", {}, tiny)
     assert declared["target_modules"] == ["attn.qkv", "attn.proj"]
     assert (declared["head"], declared["tokens"]) == (["cls_head_finetune"],
@@ -189,6 +189,14 @@ def test_defaults_come_from_the_model(tiny):
     # Serial LoRA sits before the fused q, k, v projection only
     assert resolve_options("serial_lora", {}, tiny)["target_modules"] == ["attn.qkv"]
     assert resolve_options("lora", {})["target_modules"] is None  # no model: left open
+    monkeypatch.setattr(registry, "_MODEL_DEFAULTS", {})
+    register_model_defaults(PointMAE, {"target_modules": r".*attn\.(qkv|proj)", "head": [],
+                                       "tokens": []})
+    with pytest.raises(ValueError, match="no adapter defaults for serial_lora: pass "
+                                         r"target_modules=\.\.\. "):
+        resolve_options("serial_lora", {}, tiny)  # a regex cannot be narrowed to the qkv
+    nothing_kept = resolve_options("lora", {}, tiny)  # declared empty: nothing to keep
+    assert (nothing_kept["train_head"], nothing_kept["train_tokens"]) == (False, False)
 
 
 def test_a_model_without_defaults_says_which_option_to_set(points):

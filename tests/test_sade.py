@@ -127,11 +127,12 @@ def test_never_forms_d_by_d_matrices(similarity):
     assert probe.largest < d * d // 8  # the inputs themselves hold p d r = d^2 / 12 entries
 
 
-def test_regularization_loss_sums_weighted_sade_over_modules():
+@pytest.mark.parametrize("similarity", SIMILARITIES)
+def test_regularization_loss_sums_weighted_sade_over_modules(similarity):
     torch.manual_seed(0)
     tiny = dict(cls_dim=5, depth=2, num_group=16, group_size=8, trans_dim=48, encoder_dims=48)
     model = PointMAE(**tiny)
-    apply_adapter(model, "clora", sade_weight=0.25, sade_similarity="cosine",
+    apply_adapter(model, "clora", sade_weight=0.25, sade_similarity=similarity,
                   target_modules=["attn.qkv", "attn.proj", "mlp.fc1"])
     modules = [m for m in model.modules() if isinstance(m, CLoRALinear)]
     with torch.no_grad():
@@ -143,7 +144,7 @@ def test_regularization_loss_sums_weighted_sade_over_modules():
     for m in modules:
         down = model.clora_bank.down[str(m.in_features)].double()
         up = model.clora_bank.up[str(m.slice_out)].double()
-        expected += naive_sade(down, up, m.clora_Q.double(), "cosine", 1e-8)
+        expected += naive_sade(down, up, m.clora_Q.double(), similarity, 1e-8)
     assert len(modules) == 6 and sorted(model.clora_bank.up.keys()) == ["192", "48"]
     torch.testing.assert_close(regularization_loss(model).double(), 0.25 * expected, rtol=1e-4,
                                atol=0)
