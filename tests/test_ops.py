@@ -294,6 +294,11 @@ def test_pointnet2_only_on_request(monkeypatch):
     monkeypatch.setattr(backends, "_pointnet2", (None, "pointnet2_ops not importable"))
     with pytest.raises(RuntimeError, match="not importable"):
         backends.fps(cuda, "pointnet2")
+    info = ops.backend_info()  # reports the missing library instead of raising
+    assert info["cpu"]["furthest_point_sample"] in ("kernels", "torch")
+    if torch.cuda.is_available():
+        assert info["cuda"]["furthest_point_sample"] is None
+        assert "not importable" in info["cuda"]["reason"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS_CPU)

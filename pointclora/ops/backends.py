@@ -147,12 +147,15 @@ def backend_info() -> dict:
             continue
         device = torch.device(device_type)
         fps_backend = "auto" if backend == "pointnet2" and device_type == "cpu" else backend
-        fps_name, _ = fps(device, fps_backend)
         knn_name, _ = knn(device, 1)
         if backend == "torch":
             reason = "POINTCLORA_OPS_BACKEND=torch selects the pure-torch implementation"
         else:
             reason = kernels(device_type)[1]
+        try:
+            fps_name, _ = fps(device, fps_backend)
+        except RuntimeError as err:  # POINTCLORA_OPS_BACKEND=pointnet2 without pointnet2_ops
+            fps_name, reason = None, f"{reason}; furthest_point_sample: {err}"
         info[device_type] = {"furthest_point_sample": fps_name, "knn": knn_name,
                              "reason": reason}
     info["pointnet2_ops"] = pointnet2()[1]
