@@ -385,6 +385,7 @@ def _save(run: Run, epoch: int, row: dict, is_best: bool) -> None:
         run.recorder.log_epoch(row)
         payload = {"config": run.cfg, "changes": state.changes, "task": run.task.name,
                    "method": run.cfg["adapter"]["method"], "epoch": epoch,
+                   "class_names": list(getattr(run.datasets["test"], "class_names", [])),
                    "metrics": state.last, "best_metrics": state.best,
                    "elapsed": state.elapsed + time.time() - run.started,
                    **model_payload(run.core, run.cfg, run.init_backbone)}
