@@ -37,8 +37,9 @@ setup(
     ],
     extras_require={
         # pointnet2_ops is not on PyPI: used for FPS only when asked for, never required.
-        "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.4"],
-        "bench": ["fpsample>=0.3"],
+        # peft: the reference our LoRA is tested and benchmarked against on timm ViTs
+        "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.4", "peft>=0.10"],
+        "bench": ["fpsample>=0.3", "peft>=0.10"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

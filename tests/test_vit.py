@@ -173,3 +173,79 @@ def test_pos_embed_is_resampled_to_the_model_grid(tmp_path):
     model = tiny(img_size=48)
     report = load_vit_weights(model, path)
     assert model.pos_embed.shape == (1, 1 + 9, 192) and not report.missing
+
+
+# ---- adapters on the stock timm model ------------------------------------------------------
+
+def perturb_adapters(model):
+    """Non-zero adapter weights (at init they are the identity: nothing to merge)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.startswith("head"):
+                p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("method", ["lora", "clora", "serial_lora", "aoft"])
+def test_adapters_merge_into_a_stock_timm_model(tmp_path, method):
+    from pointclora.adapters import adapter_state_dict, apply_adapter, load_adapter, merge_adapter
+
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    plain = model(x)
+    apply_adapter(model, method)  # the defaults this module registers for timm's ViT
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "cls_token", "pos_embed"} <= trainable
+    assert not any(n.startswith(("blocks.0.mlp", "patch_embed", "norm.")) for n in trainable)
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=0)  # identity at init
+    perturb_adapters(model)
+    adapted = model(x)
+    assert (adapted - plain).abs().max() > 1e-3
+    torch.save(adapter_state_dict(model), tmp_path / "adapter.pth")
+    merged = merge_adapter(model)
+    assert type(merged) is type(timm.create_model("vit_tiny_patch16_224"))
+    fresh = tiny(seed=3)
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), adapted, rtol=1e-5, atol=1e-5)
+    reloaded = load_adapter(tiny(), tmp_path / "adapter.pth")  # same frozen weights
+    torch.testing.assert_close(reloaded(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_our_lora_equals_peft_lora_given_the_same_factors():
+    """HF PEFT's LoRA on timm's fused qkv is the independent reference: same A, B, outputs
+    and gradients (our split_qkv off: one pair per layer, as PEFT builds it)."""
+    peft = pytest.importorskip("peft")
+    from pointclora.adapters import apply_adapter
+
+    torch.manual_seed(0)
+    ours, theirs = tiny(), tiny()
+    theirs.load_state_dict(ours.state_dict())
+    apply_adapter(ours, "lora", r=4, alpha=8.0, target_modules=["attn.qkv"], split_qkv=False,
+                  train_tokens=False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["qkv"],
+                             modules_to_save=["head"])
+    theirs = peft.get_peft_model(theirs, config)
+    with torch.no_grad():
+        for i, block in enumerate(ours.blocks):
+            A, B = torch.randn(4, 192), torch.randn(576, 4)
+            block.attn.qkv.lora_A.copy_(A[None])
+            block.attn.qkv.lora_B.copy_(B[None])
+            layer = theirs.base_model.model.blocks[i].attn.qkv
+            layer.lora_A["default"].weight.copy_(A)
+            layer.lora_B["default"].weight.copy_(B)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(ours) == count(theirs) == 2 * (4 * 192 + 576 * 4) + 192 * 5 + 5
+    ours, theirs = ours.double(), theirs.double()  # float64: no summation-order noise
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_ours, out_theirs)
+    (out_ours.square().sum()).backward()
+    (out_theirs.square().sum()).backward()
+    for i, block in enumerate(ours.blocks):
+        layer = theirs.base_model.model.blocks[i].attn.qkv
+        torch.testing.assert_close(block.attn.qkv.lora_A.grad[0],
+                                   layer.lora_A["default"].weight.grad)
+        torch.testing.assert_close(block.attn.qkv.lora_B.grad[0],
+                                   layer.lora_B["default"].weight.grad)
+    torch.testing.assert_close(ours.head.weight.grad,
+                               theirs.base_model.model.head.modules_to_save["default"].weight.grad)

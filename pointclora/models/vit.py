@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pointclora.adapters.registry import register_model_defaults
+
 from .checkpoint import CheckpointError, CheckpointNotFoundError, LoadReport, read_state_dict
 from .registry import register_backbone
 
@@ -33,6 +35,8 @@ VIT_ADAPTER_DEFAULTS = {
     "head": [HEAD],
     "tokens": ["cls_token", "pos_embed"],
 }
+# by name: registering needs no timm import
+register_model_defaults("timm.models.vision_transformer.VisionTransformer", VIT_ADAPTER_DEFAULTS)
 # Normalisation of the original Google weights (ImageNet-21k ViT-B_16.npz): inputs in [-1, 1].
 GOOGLE_MEAN = GOOGLE_STD = (0.5, 0.5, 0.5)
 WEIGHTS_HINT = (

@@ -1,0 +1,184 @@
+"""Training step on a timm ViT: our LoRA against HF PEFT's, and every method against full FT.
+
+Setting: the stock timm ViT-B/16 (``vit_base_patch16_224``, random weights: the cost does not
+depend on their values), 224-pixel images, 10 classes. One step: forward, cross-entropy plus
+the adapter regulariser, backward, an AdamW step over the trainable parameters. LoRA in both
+libraries: rank 8, alpha 16, no dropout, on the fused ``attn.qkv`` (our ``split_qkv`` off, so
+one (A, B) pair per layer as PEFT builds it), the head trainable (PEFT's ``modules_to_save``),
+tokens frozen: the same trainable parameters, checked. The other methods use their defaults.
+Contenders run interleaved and keep their minimum (``common.interleaved_min``); peak memory is
+measured in a fresh process per contender. Each method's merged model must compute what the
+adapted one does, and load strictly into a fresh timm model.
+
+    python benchmarks/bench_vit.py [--batch 4] [--repeats 5] [--device cpu|cuda] [--quick]
+                                   [--no-memory] [--no-peft]
+
+``--quick``: a 2-block ViT at 32 pixels, one repetition (a smoke run; nothing is written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import (
+    CHILD_FLAG,
+    PeakMemory,
+    add_common_args,
+    command_line,
+    interleaved_min,
+    machine_description,
+    markdown_table,
+    measure_in_child,
+    report,
+    setup,
+    sync,
+)
+
+from pointclora.adapters import apply_adapter, merge_adapter, parameter_report, regularization_loss
+from pointclora.models.vit import build_vit
+
+METHODS = ("full", "lora", "peft lora", "clora", "serial_lora", "aoft")
+LORA = dict(r=8, alpha=16.0, target_modules=["attn.qkv"], split_qkv=False, train_tokens=False)
+CLASSES = 10
+
+
+def vit_options(quick: bool) -> dict:
+    if quick:
+        return dict(arch="vit_tiny_patch16_224", img_size=32, depth=2, drop_path_rate=0.0)
+    return dict(arch="vit_base_patch16_224", drop_path_rate=0.0)
+
+
+def build(contender: str, state: dict, quick: bool, device: torch.device) -> torch.nn.Module:
+    """The contender's model on ``device``, every one from the same initial weights."""
+    model = build_vit(cls_dim=CLASSES, **vit_options(quick))
+    model.load_state_dict(state)
+    if contender == "peft lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                            target_modules=["qkv"], bias="none", modules_to_save=["head"])
+        model = get_peft_model(model, config)
+    elif contender == "lora":
+        apply_adapter(model, "lora", **LORA)
+    else:
+        apply_adapter(model, contender)
+    return model.to(device)
+
+
+def make_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    core = getattr(model, "base_model", model)  # PEFT wraps the timm model
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), labels) + regularization_loss(core)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step.optimizer = optimizer
+    return step
+
+
+def batch(n: int, quick: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    size = 32 if quick else 224
+    images = torch.randn(n, 3, size, size, generator=gen)
+    return images.to(device), torch.randint(0, CLASSES, (n,), generator=gen).to(device)
+
+
+def merge_check(name: str, model: torch.nn.Module, state: dict, quick: bool,
+                images: torch.Tensor) -> float:
+    """max |merged - adapted| on ``images``, after a strict load into a fresh timm model."""
+    model.eval()
+    with torch.no_grad():
+        adapted = model(images)
+        merged = merge_adapter(model) if name != "full" else model
+        fresh = build_vit(cls_dim=CLASSES, **vit_options(quick)).to(images.device).eval()
+        fresh.load_state_dict(merged.state_dict(), strict=True)
+        return (fresh(images) - adapted).abs().max().item()
+
+
+def child(argv: list[str]) -> None:
+    """Peak memory of two training steps of one contender, as one JSON line."""
+    contender, n, device, threads, quick = json.loads(argv[0])
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    images, labels = batch(n, quick, device)
+    torch.manual_seed(0)
+    state = build_vit(cls_dim=CLASSES, **vit_options(quick)).state_dict()
+    with PeakMemory(device) as mem:
+        model = build(contender, state, quick, device)
+        mem.restart_peak()  # the weights stay counted, the copy made while building does not
+        step = make_step(model, images, labels)
+        step()
+        step()
+    print(json.dumps({"peak": mem.peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_args(parser, repeats=5)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--no-peft", action="store_true", help="leave HF PEFT out")
+    args = parser.parse_args()
+    explicit = args.batch
+    device = setup(args)
+    if explicit is None and device.type == "cpu" and not args.quick:
+        args.batch = 4  # the issue's CPU setting: ViT-B/16, batch 4, 224 px
+    names = [m for m in METHODS if not (args.no_peft and m == "peft lora")]
+    torch.manual_seed(0)
+    state = build_vit(cls_dim=CLASSES, **vit_options(args.quick)).state_dict()
+    images, labels = batch(args.batch, args.quick, device)
+    models = {name: build(name, state, args.quick, device) for name in names}
+    trainable = {name: parameter_report(m)["trainable"] for name, m in models.items()}
+    if "peft lora" in trainable and trainable["peft lora"] != trainable["lora"]:
+        raise SystemExit(f"trainable parameters differ: ours {trainable['lora']:,}, "
+                         f"PEFT {trainable['peft lora']:,}")
+    steps = {name: make_step(m, images, labels) for name, m in models.items()}
+    print(machine_description(device))
+    times = interleaved_min(steps, args.repeats, device)
+    sync(device)
+    diffs = {name: merge_check(name, models[name], state, args.quick, images[:2])
+             for name in names if name != "peft lora"}
+    memory = {}
+    if not args.no_memory:
+        for name in names:
+            spec = json.dumps([name, args.batch, str(device), torch.get_num_threads(),
+                               args.quick])
+            memory[name] = measure_in_child(Path(__file__), [spec])["peak"]
+            print(f"  peak memory {name}: {memory[name] / 2**20:.0f} MiB")
+    rows = []
+    for name in names:
+        row = [name, f"{trainable[name]:,}", f"{times[name] * 1e3:.0f}",
+               f"{times[name] / times['full']:.2f}"]
+        if "peft lora" in times:
+            row.append(f"{times[name] / times['peft lora']:.2f}")
+        if memory:
+            row += [f"{memory[name] / 2**20:.0f}", f"{memory[name] / memory['full']:.2f}"]
+        row.append(f"{diffs[name]:.1e}" if name in diffs else "")
+        rows.append(row)
+    headers = ["method", "trainable params", "step ms", "time / full"]
+    headers += ["time / PEFT LoRA"] if "peft lora" in times else []
+    headers += ["peak MiB", "memory / full"] if memory else []
+    headers.append("merged vs adapted, max abs diff")
+    size = "2-block ViT-Ti at 32 px" if args.quick else "ViT-B/16 at 224 px"
+    text = "\n".join([
+        f"# Training step on a timm {size}, batch {args.batch}, {device}", "",
+        f"`{command_line()}`", "", machine_description(device), "",
+        f"Minimum over {args.repeats} interleaved repetitions. LoRA and PEFT LoRA: r=8, alpha 16 "
+        "on the fused attn.qkv, head trainable. Peak memory: fresh process per contender, "
+        "two steps, weights counted.", "",
+        markdown_table(headers, rows)])
+    report("vit", text, args)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == CHILD_FLAG:
+        child(sys.argv[2:])
+    else:
+        main()
