@@ -351,3 +351,103 @@ def test_checkpoint_rebuilds_the_trained_model(tmp_path, method, pretrained):
     other = dict(cfg, adapter={"method": "lora" if method != "lora" else "clora"})
     with pytest.raises(ValueError, match="adapter.method"):
         restore_model(other, ckpt)
+
+
+# --- tasks, derived settings, paths -----------------------------------------------------
+
+def test_classification_metrics_against_loops_with_an_absent_class():
+    from pointclora.engine.tasks import ClassificationTask
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    labels[labels == 2] = 3  # class 2 has no test sample
+    logits = torch.randn(60, 5, generator=g)  # 5 classes, class 4 never a label either
+    metrics = ClassificationTask().metrics({"logits": logits, "label": labels}, list("abcde"))
+    pred = logits.argmax(1).tolist()
+    per_class = []
+    for c in range(5):
+        idx = [i for i in range(60) if labels[i] == c]
+        per_class.append(100.0 * sum(pred[i] == c for i in idx) / len(idx) if idx else None)
+    assert metrics["per_class_acc"] == pytest.approx(per_class)
+    assert metrics["acc"] == accuracy(logits, labels)
+    assert metrics["macc"] == pytest.approx(np.mean([a for a in per_class if a is not None]))
+    assert metrics["confusion"].sum() == 60 and metrics["confusion"][2].sum() == 0
+    details = ClassificationTask().details(metrics, list("abcde"))
+    assert details["per_class_acc"]["c"] == {"acc": None, "samples": 0}
+
+
+class FakeData(list):
+    num_classes = 7
+
+
+def test_derived_settings_are_returned_not_written_into_the_config():
+    from pointclora.engine.build import model_config, resolve_config
+
+    cfg = {"model": {"name": "point_mae", "cls_dim": None}, "data": {"name": "synthetic"},
+           "adapter": {"method": "lora"}}
+    before = {k: dict(v) for k, v in cfg.items()}
+    resolved = resolve_config(cfg, {"test": FakeData([1])})
+    assert cfg == before  # the user's config is untouched
+    assert resolved["derived"] == {"model": {"cls_dim": 7}}
+    assert resolved["model"]["cls_dim"] is None and model_config(resolved)["cls_dim"] == 7
+    cfg["model"]["cls_dim"] = 7
+    assert resolve_config(cfg, {"test": FakeData([1])})["derived"] == {}
+    cfg["model"]["cls_dim"] = 40
+    with pytest.raises(ValueError, match="model.cls_dim=7"):
+        resolve_config(cfg, {"test": FakeData([1])})
+
+
+def test_absolute_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
+    from pointclora.engine.build import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = {"model": {"pretrained": "w/pre.pth"}, "data": {"root": "data", "cache_dir": None},
+           "output_dir": "runs/x"}
+    out = absolute_paths(cfg)
+    assert out == {"model": {"pretrained": str(tmp_path / "w/pre.pth")},
+                   "data": {"root": str(tmp_path / "data"), "cache_dir": None},
+                   "output_dir": str(tmp_path / "runs/x")}
+    assert cfg["data"]["root"] == "data"
+    assert absolute_paths(out) == out
+
+
+def test_random_backbone_warning_only_for_peft_without_weights():
+    from pointclora.engine.build import run_warnings
+
+    def cfg(method, pretrained):
+        return {"adapter": {"method": method}, "model": {"pretrained": pretrained}}
+
+    assert "RANDOMLY INITIALISED" in run_warnings(cfg("clora", None))[0]
+    assert "linear" in run_warnings(cfg("linear", None))[0]
+    assert run_warnings(cfg("full", None)) == []
+    assert run_warnings(cfg("clora", "pretrain.pth")) == []
+
+
+def test_a_dataset_belongs_to_one_task():
+    from pointclora.engine.tasks import ClassificationTask, register_task, task_name
+
+    class Claims(ClassificationTask):
+        name = "claims_a"
+        datasets = ("some_data",)
+
+    class Again(ClassificationTask):
+        name = "claims_b"
+        datasets = ("some_data",)
+
+    from pointclora.engine.tasks import TASKS
+    try:
+        register_task(Claims)
+        assert task_name({"data": {"name": "some_data"}}) == "claims_a"
+        assert task_name({"data": {"name": "modelnet40"}}) == "classification"
+        with pytest.raises(ValueError, match="claims_a"):
+            register_task(Again)
+    finally:
+        TASKS.pop("claims_a", None)
+
+
+def test_voting_names_say_how_the_number_was_obtained():
+    from pointclora.engine.evaluate import voting_name
+
+    assert voting_name(1, 1) == "none (single pass)"
+    assert voting_name(10, 1) == "10-view voting"
+    assert voting_name(10, 300).startswith("best of 300 repeats of 10-view voting")

@@ -118,7 +118,8 @@ def evaluate_checkpoint(cfg: dict, ckpt: dict, info: DistInfo, views: int = 1,
     metrics = runs[chosen]
     result = {**{k: metrics[k] for k in task.log_metrics},
               **task.details(metrics, test_set.class_names),
-              "task": task.name, "views": views, "repeats": repeats,
+              "summary": task.summary(metrics), "task": task.name, "views": views,
+              "repeats": repeats,
               "voting": voting_name(views, repeats), "samples": len(test_set),
               "epoch": ckpt.get("epoch"), "method": cfg["adapter"]["method"],
               "protocol": protocol_description(cfg["data"])}
