@@ -22,6 +22,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".ti
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
 TRANSFORMS = ("vtab", "fgvc", "none")
 TRANSFORM_KEYS = ("img_size", "transform", "mean", "std")
+# data.name of the image datasets (registered in build.py); the engine's image task serves them
+IMAGE_DATASETS = ("vtab1k", "fgvc", "image_folder", "synthetic_images")
+TRANSFORM_TEXT = {
+    "vtab": "Resize(({size}, {size}), bicubic), no augmentation",
+    "fgvc": "train: Resize({resize}), RandomCrop({size}), horizontal flip; test: Resize({resize}), "
+            "CenterCrop({size})",
+    "none": "no resize ({size} px), no augmentation",
+}
 
 
 def missing_root(what: str, path: Path, layout: str, published: str) -> DataError:
@@ -62,6 +70,19 @@ def image_transform(cfg: dict, train: bool) -> Callable:
         raise DataError(f"data.transform must be one of {TRANSFORMS}; got {mode!r}")
     return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(mean), list(std))])
+
+
+def image_protocol(cfg: dict) -> str:
+    """One line naming the transform of an image run, for its results."""
+    default = "none" if cfg.get("name") == "synthetic_images" else (
+        "fgvc" if cfg.get("name") == "fgvc" else "vtab")
+    mode = cfg.get("transform", default)
+    size = int(cfg.get("img_size", 32 if default == "none" else 224))
+    text = TRANSFORM_TEXT.get(mode, mode).format(size=size, resize=round(size * 8 / 7))
+    splits = (f"; train split {cfg['train_split']}, test split {cfg['test_split']}"
+              if "train_split" in cfg and "test_split" in cfg else "")
+    return (f"{text}; normalised with mean {list(cfg.get('mean', DEFAULT_MEAN))}, std "
+            f"{list(cfg.get('std', DEFAULT_STD))}{splits}")
 
 
 # ---- datasets ------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pointclora.data.images import IMAGE_DATASETS
+
 TASKS: dict[str, type[Task]] = {}
 
 
@@ -182,6 +184,22 @@ class ClassificationTask(Task):
 
         plot_confusion(metrics["confusion"].numpy(), list(class_names),
                        Path(run_dir) / "confusion.png", title=title)
+
+
+@register_task
+class ImageClassificationTask(ClassificationTask):
+    """Classification of images: each dataset item is already resized, cropped and normalised
+    (in the loader workers, pointclora.data.images), so batches need no batch transform."""
+
+    name = "image_classification"
+    datasets = IMAGE_DATASETS
+
+    def transform(self, mode: str) -> Callable:
+        return _unchanged
+
+
+def _unchanged(batch: torch.Tensor) -> torch.Tensor:
+    return batch
 
 
 def forward(model: nn.Module, inputs: tuple, device: torch.device,
