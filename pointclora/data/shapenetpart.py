@@ -226,6 +226,17 @@ def build_part_augment(cfg: dict, mode: str):
 
 
 AUGMENT_KEYS = ("scale_range", "shift_range")
+PART_DATASETS = ("shapenetpart", "synthetic_parts")
+
+
+def part_protocol(cfg: dict) -> str:
+    """One line naming the sampling and augmentation of a part-segmentation run."""
+    augment = build_part_augment(cfg, "train")
+    sampling = ("a random npoints-subset with replacement of each whole shape, drawn anew "
+                "every epoch, one fixed draw per test shape" if cfg["name"] == "shapenetpart"
+                else "synthetic shapes generated with npoints points")
+    return (f"part segmentation: xyz on the unit sphere, {cfg.get('npoints', 2048)} points "
+            f"({sampling}); train augmentation: {augment!r}; test: none")
 SHAPENETPART_KEYS = ("root", "train_split", "test_split", "normals", "seed", *AUGMENT_KEYS)
 
 
