@@ -90,7 +90,7 @@ def test_test_tool_refuses_bad_checkpoints_and_options(finished, tmp_path, capsy
     ckpt = torch.load(best, weights_only=True)
     torch.save({k: v for k, v in ckpt.items() if k != "config"}, tmp_path / "noconfig.pth")
     cases = [
-        (["--ckpt", str(tmp_path / "text.pth")], "not a readable PointCLoRA checkpoint"),
+        (["--ckpt", str(tmp_path / "text.pth")], "not a PyTorch checkpoint file (it starts"),
         (["--ckpt", str(tmp_path / "empty.pth")], "is empty"),
         (["--ckpt", str(tmp_path / "noconfig.pth")], "no ['config'] entry"),
         # the r=8 adapter is not silently evaluated as asked for r=4, nor the reverse

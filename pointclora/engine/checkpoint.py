@@ -75,6 +75,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty, not a checkpoint (an interrupted copy?)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip format, legacy pickle
+        raise ValueError(f"{path} is not a PyTorch checkpoint file (it starts with {head!r}); "
+                         "give a checkpoints/best.pth or last.pth written by tools/train.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors have many types
