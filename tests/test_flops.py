@@ -222,6 +222,9 @@ def test_tool_all_methods_table(tmp_path, capsys):
     assert rows["linear"]["params_trainable_no_head"] == 0
     for method, row in rows.items():
         assert all(op["reason"] for op in row["uncounted_ops"].values()), method
+        if not row["mergeable"]:  # prompts and nonlinear adapters (tests/test_baselines.py)
+            assert row["merged"] is None and row["flops"] > rows["full"]["flops"], method
+            continue
         assert row["merged"]["params_total"] == plain_total, method
         assert row["merged"]["flops"] == rows["full"]["flops"], method  # merged = backbone
     assert rows["lora"]["flops"] > rows["lora"]["merged"]["flops"]

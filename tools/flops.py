@@ -47,24 +47,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _fmt_row(name: str, unmerged, merged, fmt: str) -> str:
-    return f"  {name:<34}{format(unmerged, fmt):>16}{format(merged, fmt):>16}"
+    shown = "-" if merged is None else format(merged, fmt)  # a method that cannot merge
+    return f"  {name:<34}{format(unmerged, fmt):>16}{shown:>16}"
 
 
 def format_report(cfg: dict, method: str, report: dict) -> str:
-    m, merged = cfg["model"], report["merged"]
+    m, merged = cfg["model"], report["merged"] or {}
     lines = [
         f"{m['name']} + {method} on {cfg['data']['name']}: one cloud of "
         f"{cfg['data']['npoints']} points, {m['num_group']} groups of {m['group_size']}",
         f"  {'':<34}{'unmerged':>16}{'merged':>16}",
-        _fmt_row("GFLOPs (fvcore)", report["gflops"], merged["gflops"], ".3f"),
+        _fmt_row("GFLOPs (fvcore)", report["gflops"], merged.get("gflops"), ".3f"),
         _fmt_row("GMACs (modules, thop-style)", report["gmacs_modules"],
-                 merged["gmacs_modules"], ".3f"),
+                 merged.get("gmacs_modules"), ".3f"),
         _fmt_row("GFLOPs as executed (fvcore)", report["gflops_executed"],
-                 merged["gflops_executed"], ".3f"),
-        _fmt_row("parameters", report["params_total"], merged["params_total"], ","),
-        _fmt_row("trainable", report["params_trainable"], merged["params_trainable"], ","),
+                 merged.get("gflops_executed"), ".3f"),
+        _fmt_row("parameters", report["params_total"], merged.get("params_total"), ","),
+        _fmt_row("trainable", report["params_trainable"], merged.get("params_trainable"), ","),
         _fmt_row("trainable without head", report["params_trainable_no_head"],
-                 merged["params_trainable_no_head"], ","),
+                 merged.get("params_trainable_no_head"), ","),
         "",
         "fvcore flops by operator (unmerged):",
     ]
@@ -74,7 +75,10 @@ def format_report(cfg: dict, method: str, report: dict) -> str:
     for op, info in report["uncounted_ops"].items():
         reason = info["reason"] or "NO DOCUMENTED REASON (please report this operator)"
         lines.append(f"  {op} ({info['count']}x): {reason}")
-    lines.append("After merging, every parameter is trainable again (a plain backbone).")
+    lines.append("After merging, every parameter is trainable again (a plain backbone)."
+                 if report["mergeable"] else
+                 f"{method} cannot be merged (prompts or a nonlinear adapter): the adapted model "
+                 "is what runs, at its unmerged cost.")
     return "\n".join(lines)
 
 
