@@ -35,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
         "val_every": 1,
         "num_workers": 4,
         "amp": None,
+        # The official part-segmentation loop steps the optimizer twice per batch on the same
+        # gradients (before and after clipping); docs/segmentation.md.
+        "double_step": False,
     },
     "output_dir": None,
 }
@@ -137,7 +140,7 @@ TRAIN_TYPES: dict[str, tuple] = {
     "weight_decay": ("number", 0, False), "warmup_epochs": ("int", 0, False),
     "warmup_lr": ("number", 0, False), "min_lr": ("number", 0, False),
     "grad_clip": ("number", 0, True), "seed": ("int", 0, False), "val_every": ("int", 1, False),
-    "num_workers": ("int", 0, False),
+    "num_workers": ("int", 0, False), "double_step": ("bool", None, False),
 }
 DATA_TYPES: dict[str, tuple] = {
     "name": ("str", None, False), "npoints": ("int", 1, False), "protocol": ("str", None, False),
@@ -254,6 +257,9 @@ def validate(cfg: dict, source: str = "config") -> dict:
         raise ValueError(f"{source}: train.amp must be one of {AMP_MODES}, got {train['amp']!r}")
     _check_values(source, "train", {k: v for k, v in train.items() if k != "amp"},
                   TRAIN_TYPES, "train")
+    if train.get("double_step") and train["amp"] == "fp16":
+        raise ValueError(f"{source}: train.double_step steps on unscaled gradients; use it "
+                         "with amp null or bf16, not fp16")
     _check_values(source, "data", cfg["data"], _data_spec(cfg["data"]["name"]), "data")
     _check_values(source, "model", cfg["model"], _model_spec(cfg["model"].get("name")),
                   "model")

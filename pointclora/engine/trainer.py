@@ -334,6 +334,8 @@ def _train_epoch(run: Run, epoch: int) -> dict:
         loss = task.loss(output, target) + regularization_loss(run.core)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
+        if tcfg.get("double_step"):  # the official part-segmentation loop: a step before clipping
+            run.optimizer.step()
         if tcfg["grad_clip"]:
             run.scaler.unscale_(run.optimizer)
             torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"])

@@ -31,7 +31,7 @@ LABEL_DIM = 64  # width of the category embedding
 def default_fetch_blocks(depth: int) -> tuple[int, int, int]:
     """Blocks whose outputs feed the head: the official ``(3, 7, 11)`` for 12 blocks, the
     same thirds (ending at the last block) for other depths."""
-    return tuple(round((k + 1) * depth / 3) - 1 for k in range(3))
+    return tuple(max(round((k + 1) * depth / 3) - 1, 0) for k in range(3))
 
 
 class FeaturePropagation(nn.Module):
@@ -119,7 +119,7 @@ class PartSegmentation(nn.Module):
         fetch = default_fetch_blocks(depth) if fetch_blocks is None else tuple(fetch_blocks)
         if len(fetch) != 3 or not all(isinstance(i, int) and 0 <= i < depth for i in fetch):
             raise ValueError(f"fetch_blocks must be 3 block indices in [0, {depth}), got "
-                             f"{fetch_blocks!r}")
+                             f"{fetch!r}")
         self.config["fetch_blocks"] = list(fetch)
         self.fetch_blocks = fetch
         self.num_parts = self.cls_dim = num_parts
