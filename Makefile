@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pointclora tools tests benchmarks
 
 bench: $(STAMP)
-	for b in ops cache train_step inference pipeline demo; do \
+	for b in ops cache train_step inference pipeline demo contention; do \
 		$(PY) benchmarks/bench_$$b.py || exit 1; done
 
 gpu-check: $(STAMP)
