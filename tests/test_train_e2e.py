@@ -21,8 +21,8 @@ from pointclora.config import load_config
 from pointclora.data import protocol_description
 from pointclora.data.synthetic import generate
 from pointclora.engine import load_checkpoint, restore_model
-from pointclora.engine.tasks import TASKS, ClassificationTask, build_task, register_task
 from pointclora.engine import trainer as trainer_module
+from pointclora.engine.tasks import TASKS, ClassificationTask, build_task, register_task
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -286,7 +286,10 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
     assert train_tool.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "nothing to resume" in err
-    assert "--resume" not in err.strip().splitlines()[-1]
+    command = err.strip().splitlines()[-1].split()
+    assert "--resume" not in command
+    monkeypatch.undo()
+    assert train_tool.main(command[2:]) == 0  # the printed command starts the run again
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):

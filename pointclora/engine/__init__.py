@@ -8,8 +8,8 @@ from .fewshot import parse_folds, run_folds
 from .optim import build_optimizer, param_groups
 from .rundir import default_output_dir, prepare_run_dir
 from .schedule import OfficialCosineLR, build_scheduler, official_lr
-from .tasks import TASKS, ClassificationTask, Task, build_task, register_task
 from .segmentation import PartSegmentationTask  # registers the part-segmentation task
+from .tasks import TASKS, ClassificationTask, Task, build_task, register_task
 from .trainer import RunState, TrainingInterrupted, fit
 
 __all__ = [
