@@ -59,3 +59,16 @@ def test_official_double_step_steps_twice_per_batch(tmp_path, monkeypatch, doubl
     assert train_tool.main(["--config", str(config), "--out", str(tmp_path / "run"),
                             "--device", "cpu"]) == 0
     assert len(calls) == (4 if double else 2)  # 4 training shapes, batch 2
+
+
+def test_flops_tool_counts_the_segmentation_model(tmp_path, capsys):
+    flops = load_tool("flops")
+    assert flops.main(["--config", str(write(tmp_path / "c.yaml")), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    from pointclora.models import build_model
+
+    model = build_model({k: v for k, v in TINY["model"].items()})
+    # lora merges back into the plain model; unmerged, its factors come on top
+    assert report["merged"]["params_total"] == sum(p.numel() for p in model.parameters())
+    assert report["params_total"] > report["merged"]["params_total"]
+    assert report["gflops"] > 0 and "aten::embedding_bag" not in report["uncounted_ops"]

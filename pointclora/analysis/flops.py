@@ -55,9 +55,16 @@ def knn_flop_jit(inputs, outputs) -> int:
     return batch * get_shape(inputs[1])[1] * n * dim
 
 
+def embedding_bag_flop_jit(inputs, outputs) -> int:
+    """Weighted sums of table rows (3-NN interpolation in part segmentation): one multiply-add
+    per picked row element."""
+    return prod(get_shape(inputs[1])) * get_shape(inputs[0])[-1]
+
+
 # fvcore has no handle for these; their work is counted with the handles above.
 SKIPPED_OP_HANDLES = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
+    "aten::embedding_bag": embedding_bag_flop_jit,
 }
 # Our grouping kernels trace as `<namespace>::<name>`; matched by name in any namespace
 # (pointclora_cpu, pointclora_cuda, ...).
@@ -87,7 +94,7 @@ ZERO_COST_REASONS: dict[str, str] = {
         _ELEMENTWISE),
     **dict.fromkeys(
         ("aten::gelu", "aten::gelu_", "aten::relu", "aten::silu", "aten::sigmoid",
-         "aten::tanh", "aten::softmax", "aten::log_softmax", "aten::_softmax"),
+         "aten::leaky_relu", "aten::tanh", "aten::softmax", "aten::log_softmax", "aten::_softmax"),
         _ACTIVATION),
     **dict.fromkeys(
         ("aten::max", "aten::amax", "aten::min", "aten::amin", "aten::topk", "aten::sort",
@@ -101,7 +108,7 @@ ZERO_COST_REASONS: dict[str, str] = {
          "aten::tensor", "aten::scalar_tensor", "aten::empty_like", "aten::ones_like",
          "aten::new_ones", "aten::linspace", "aten::mT", "aten::mH", "aten::adjoint",
          "aten::resolve_conj", "aten::resolve_neg", "aten::alias", "aten::lift_fresh",
-         "prim::device", "prim::dtype"),
+         "prim::device", "prim::dtype", "aten::numel"),
         _MOVEMENT),
     **dict.fromkeys(
         ("aten::rand", "aten::randn", "aten::rand_like", "aten::randn_like", "aten::bernoulli",

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
 
 from pointclora.adapters import METHODS, apply_adapter, merge_adapter, parameter_report
 from pointclora.engine.build import build_datasets, model_config, resolve_config
-from pointclora.models import build_model
+from pointclora.models import BACKBONES, build_model
 
 from .flops import fvcore_flops, module_macs, official_graph, sample_points
 
@@ -17,7 +18,8 @@ def resolve_model_config(cfg: dict) -> dict:
     """`cfg["model"]` without the pretrained file (costs do not depend on weights) and with
     `cls_dim` filled from the dataset when the config leaves it to the data, as training does."""
     cfg = copy.deepcopy(cfg)
-    if cfg["model"].get("cls_dim") is None:
+    takes_classes = "cls_dim" in inspect.signature(BACKBONES[cfg["model"]["name"]]).parameters
+    if takes_classes and cfg["model"].get("cls_dim") is None:
         try:
             cfg = resolve_config(cfg, build_datasets(cfg, ("test",)))
         except (OSError, ValueError) as err:
@@ -74,6 +76,8 @@ def complexity_report(model: nn.Module, npoints: int, executed: bool = True) -> 
     """
     device = next(model.parameters()).device
     points = sample_points(npoints, device=device)
+    if hasattr(model, "example_inputs"):  # models that take more than the cloud
+        points = model.example_inputs(points)
     report = _costs(model.eval(), points, executed)
     try:
         merged = merge_adapter(copy.deepcopy(model)).eval()

@@ -19,7 +19,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .common import DataError, atomic_output, normalize_unit_sphere
-from .shapenetpart import AUGMENT_KEYS, SHAPENETPART_CATEGORIES, SHAPENETPART_PARTS, SPLIT_LIST, SYNSETS
+from .shapenetpart import (
+    AUGMENT_KEYS,
+    SHAPENETPART_CATEGORIES,
+    SHAPENETPART_PARTS,
+    SPLIT_LIST,
+    SYNSETS,
+)
 from .synthetic import (
     _at,
     _box,

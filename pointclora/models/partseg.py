@@ -17,8 +17,15 @@ from torch import nn
 
 from pointclora.ops import knn
 
-from .backbones import _COUNTS, _SHAPES, WEIGHTS_HINT, PointBERT, PointMAE, PointTransformer, \
-    _check_config
+from .backbones import (
+    _COUNTS,
+    _SHAPES,
+    WEIGHTS_HINT,
+    PointBERT,
+    PointMAE,
+    PointTransformer,
+    _check_config,
+)
 from .checkpoint import CheckpointSpec, Layout
 from .layers import TransformerEncoder
 from .pointnet import MiniPointNet, _batch_norm_relu, _pointwise
@@ -203,6 +210,10 @@ class PartSegmentation(nn.Module):
         x = self.dp1(_batch_norm_relu(self.bns1, x))
         x = _batch_norm_relu(self.bns2, _pointwise(self.convs2, x))
         return F.log_softmax(_pointwise(self.convs3, x), dim=-1)
+
+    def example_inputs(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(points, category 0)``: the inputs FLOP counters trace (tools/flops.py)."""
+        return points, torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
 
     def forward(self, points: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """``points (B, N, 3)``, ``category`` ids ``(B,)`` or one-hot ``(B, num_categories)``
