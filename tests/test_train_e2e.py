@@ -379,6 +379,33 @@ def test_fewshot_folds_in_one_command_write_mean_and_std(tmp_path):
     assert json.loads((run / "summary.json").read_text()) == summary
 
 
+def test_few_shot_run_interrupted_in_a_fold_resumes_with_the_printed_command(
+        tmp_path, monkeypatch, capsys):
+    _write_folds(tmp_path / "folds", 2)
+    config = write_config(
+        tmp_path / "fewshot.yaml", train={"epochs": 1},
+        data={"name": "modelnet40_fewshot", "root": str(tmp_path / "folds"), "way": 3,
+              "shot": 8, "fold": 0, "npoints": 64})
+    run, calls = tmp_path / "fs", []
+    regularization_loss = trainer_module.regularization_loss
+
+    def ctrl_c_in_fold_1(model):  # 24 shapes, batch 8: fold 1 starts at the 4th step
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return regularization_loss(model)
+
+    monkeypatch.setattr(trainer_module, "regularization_loss", ctrl_c_in_fold_1)
+    assert train_tool.main(["--config", str(config), "--out", str(run), "--folds", "0-1"]) == 130
+    monkeypatch.undo()
+    command = capsys.readouterr().err.strip().splitlines()[-1].split()
+    assert command[-1] == "--resume"
+    fold_0 = (run / "fold_0" / "metrics.json").read_text()
+    assert train_tool.main(command[2:]) == 0
+    assert (run / "fold_0" / "metrics.json").read_text() == fold_0  # kept, not retrained
+    assert json.loads((run / "summary.json").read_text())["folds"] == [0, 1]
+
+
 def test_stored_paths_are_absolute_so_test_py_works_from_another_folder(tmp_path,
                                                                        monkeypatch):
     _write_folds(tmp_path / "work" / "folds", 1)

@@ -111,8 +111,10 @@ def main(argv=None) -> int:
         return 2
     except TrainingInterrupted as err:  # Ctrl-C or SIGTERM: no traceback, the way back
         if os.environ.get("RANK", "0") == "0":
-            how = "continue with" if err.resumable else "nothing to resume; start again with"
-            print(f"{err}\n{how}:\n  {resume_command(argv, run_dir, err.resumable)}",
+            # A few-shot run always resumes: finished folds are kept, the others (re)start.
+            resumable = err.resumable or bool(args.folds)
+            how = "continue with" if resumable else "nothing to resume; start again with"
+            print(f"{err}\n{how}:\n  {resume_command(argv, run_dir, resumable)}",
                   file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # before the run started: nothing was written
