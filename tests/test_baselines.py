@@ -18,8 +18,9 @@ from pointclora.adapters import (
     load_adapter,
     merge_adapter,
     parameter_report,
-    registry,
     register_model_defaults,
+    registry,
+    resolve_options,
     trained_keys,
 )
 from pointclora.models import PointMAE
@@ -42,6 +43,11 @@ CASES = {
                            r"up_bias)"),
     "vpt_deep": ("vpt_deep", {}, r"blocks\.blocks\.\d\.vpt_prompts"),
     "vpt_deep_aoft": ("vpt_deep", {"aoft": True}, r"blocks\.blocks\.\d\.vpt_q"),
+    "dapt": ("dapt", {"bottleneck": 8},
+             r"blocks\.blocks\.\d\.(dapt_prompt_(gamma|beta)|base_layer\.(mlp\.dapt_.*|"
+             r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.base_layer\.fc1|mlp\.base_layer\.fc2)"
+             r"\.dapt_(gamma|beta)))"),
+    "idpt": ("idpt", {"k": 4}, r"blocks\.blocks\.1\.idpt_(generator\..*|prompt_pos)"),
 }
 IDENTITY_AT_INIT = {"adapter", "adapter_aoft_star", "adapter_aoft_plain"}
 
@@ -74,6 +80,15 @@ def nudge(model: nn.Module) -> None:
             p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
+@torch.no_grad()
+def open_dapt_gates(model: nn.Module) -> None:
+    """DAPT's per-token scale is a ReLU: on a random tiny model whose tokens are alike it can
+    be zero for every token. A positive bias opens it, so that gradients are checked."""
+    for m in model.modules():
+        if hasattr(m, "dapt_scale"):
+            m.dapt_scale.bias.fill_(1.0)
+
+
 def dense_q(q: torch.Tensor) -> torch.Tensor:
     """AOFT's ``Q(q) = [[q0, -q_bar^T], [q_bar, I - q_bar q_bar^T / (1 + q0)]]``, formed whole."""
     q0, qb = q[0], q[1:]
@@ -104,13 +119,12 @@ def test_trainable_set_and_gradients(case, backbone, points):
     method, options, added = CASES[case]
     names = {n for n, _ in backbone.named_parameters()}
     apply_adapter(backbone, method, **options)
-    new = {n for n, _ in backbone.named_parameters()} - {n.replace(".base_layer", "")
-                                                        for n in names}
-    new = {n for n in new if "base_layer" not in n}
+    new = {n for n, _ in backbone.named_parameters() if n.replace(".base_layer", "") not in names}
     assert new and all(re.fullmatch(added, n) for n in new)
     trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
     assert trainable == new | {n for n in names if re.fullmatch(HEAD_AND_TOKENS, n)}
     nudge(backbone)  # factors starting at zero would block their partners' gradients
+    open_dapt_gates(backbone)
     F.cross_entropy(backbone.train()(points), LABELS).backward()
     assert {n for n, p in backbone.named_parameters() if p.grad is not None and p.grad.any()} \
         == trainable
@@ -136,7 +150,9 @@ def test_adapter_file_round_trip_and_merge_refused(case, backbone, pretrained, p
     expected = backbone.eval()(points)
     payload = adapter_state_dict(backbone)
     assert set(payload["state_dict"]) == set(trained_keys(backbone))
-    assert not any("base_layer" in k or k.startswith("encoder.") for k in payload["state_dict"])
+    backbone_keys = set(pretrained.state_dict())  # nothing frozen is saved
+    assert not [k for k in payload["state_dict"] if k.replace(".base_layer", "") in backbone_keys
+                and not re.fullmatch(HEAD_AND_TOKENS, k)]
     torch.save(payload, tmp_path / "adapter.pt")
     restored = load_adapter(copy.deepcopy(pretrained), tmp_path / "adapter.pt")
     assert adapter_config(restored) == adapter_config(backbone)
@@ -204,6 +220,14 @@ def test_parameter_counts_match_the_formulas(pretrained):
     assert added("adapter", aoft="plain") == sites * (2 * D + D * k + k)
     assert added("vpt_deep") == blocks * n * D
     assert added("vpt_deep", aoft=True) == blocks * D
+    # one generator: three EdgeConvs (2D -> D) and the fusion (3D -> D), BN affine, p_pos
+    # per block: adapter (LN, gate, down, up), scale-shifts of qkv, proj, fc1, fc2, norm1,
+    # norm2 and the prompt
+    k = 64
+    adapter = 2 * D + (D + 1) + (D * k + k) + (k * D + D)
+    shifts = 2 * (3 * D + D + 4 * D + D + D + D + D)
+    assert added("dapt") == blocks * (adapter + shifts)
+    assert added("idpt") == 3 * (2 * D * D + 2 * D) + (3 * D * D + 2 * D) + D
 
 
 def test_options_are_checked(backbone):
@@ -212,6 +236,93 @@ def test_options_are_checked(backbone):
     with pytest.raises(ValueError, match="num_prompts=60 exceeds the width 48"):
         apply_adapter(backbone, "vpt_deep", num_prompts=60, aoft=True)
     assert adapter_config(backbone) is None
+
+
+def bn_eval(bn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in eval mode on the last dimension, written out."""
+    return (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+
+
+def test_idpt_equation(backbone):
+    apply_adapter(backbone, "idpt", k=3)
+    nudge(backbone)
+    wrapper = backbone.blocks.blocks[1].eval()
+    gen, k = wrapper.idpt_generator, 3
+    x = torch.randn(2, 9, D)
+    feats, levels = x[:, 1:], []  # the cls token is not a patch
+    for conv, bn, _ in gen.edge:
+        w = conv.weight[:, :, 0, 0]
+        out = torch.empty(2, 8, D)
+        for b in range(2):  # brute force, one patch at a time
+            near = torch.cdist(feats[b], feats[b]).argsort(dim=1)[:, :k]
+            for i in range(8):
+                edges = torch.cat([feats[b, near[i]] - feats[b, i], feats[b, i].expand(k, -1)], 1)
+                out[b, i] = F.leaky_relu(bn_eval(bn, edges @ w.t()), 0.2).amax(0)
+        levels.append(out)
+        feats = out
+    conv, bn, _ = gen.fuse
+    fused = F.leaky_relu(bn_eval(bn, torch.cat(levels, -1) @ conv.weight[:, :, 0].t()), 0.2)
+    prompt = fused.amax(1) + wrapper.idpt_prompt_pos
+    expected = point_mae_block(wrapper.base_layer, torch.cat([x, prompt[:, None]], 1))
+    torch.testing.assert_close(wrapper(x), expected, atol=1e-4, rtol=1e-4)  # prompt kept
+
+
+def dapt_block_by_hand(wrapper: nn.Module, t: torch.Tensor):
+    """One DAPT block written out (eval mode): its output and the prompt it makes."""
+    blk, (B, M, C) = wrapper.base_layer, t.shape
+
+    def shifted(m, y):
+        return y * m.dapt_gamma + m.dapt_beta
+
+    def linear(m, y):
+        bias = m.base_layer.bias if m.base_layer.bias is not None else 0
+        return shifted(m, y @ m.base_layer.weight.t() + bias)
+
+    def norm(m, y):
+        return F.layer_norm(y, (C,), m.weight, m.bias, m.eps)
+
+    h = shifted(blk.norm1, norm(blk.norm1.base_layer, t))
+    heads = blk.attn.num_heads
+    q, k, v = linear(blk.attn.qkv, h).reshape(B, M, 3, heads, C // heads).unbind(2)
+    scores = torch.einsum("bnhc,bmhc->bhnm", q, k) / math.sqrt(C // heads)
+    mixed = torch.einsum("bhnm,bmhc->bnhc", scores.softmax(-1), v).reshape(B, M, C)
+    t = t + linear(blk.attn.proj, mixed)
+    h = shifted(blk.norm2, norm(blk.norm2.base_layer, t))
+    ffn = blk.mlp
+    f = linear(ffn.base_layer.fc2, F.gelu(linear(ffn.base_layer.fc1, h)))
+    hn = norm(ffn.dapt_norm, h)
+    gate = F.relu(hn @ ffn.dapt_scale.weight.t() + ffn.dapt_scale.bias)
+    a = gate * (F.gelu(hn @ ffn.dapt_down.weight.t() + ffn.dapt_down.bias) @ ffn.dapt_up.weight.t()
+                + ffn.dapt_up.bias)
+    prompt = F.gelu(a).mean(1, keepdim=True) * wrapper.dapt_prompt_gamma + wrapper.dapt_prompt_beta
+    return t + f + a, prompt
+
+
+def test_dapt_equation(backbone):
+    apply_adapter(backbone, "dapt", bottleneck=4)
+    nudge(backbone)
+    open_dapt_gates(backbone)
+    first, last = backbone.blocks.blocks.eval()
+    x = torch.randn(2, 7, D)
+    out0, p0 = dapt_block_by_hand(first, x)
+    out1, p1 = dapt_block_by_hand(last, torch.cat([out0, p0], 1))  # the prompt carried on
+    torch.testing.assert_close(last(first(x)), torch.cat([out1, p1], 1), atol=1e-5, rtol=1e-5)
+    assert first.carry.tokens is None  # nothing held between passes
+
+
+def test_idpt_picks_one_block(backbone, pretrained):
+    options = resolve_options("idpt", {}, pretrained)
+    assert options["blocks"] == ["blocks.blocks.1"] and options["layer"] == 0
+    assert resolve_options("idpt", options, pretrained) == options  # stable once resolved
+    first = resolve_options("idpt", {"layer": 0, "keep_prompt": False}, pretrained)
+    assert first["blocks"] == ["blocks.blocks.0"]
+    with pytest.raises(ValueError, match="keep_prompt=True needs the last block"):
+        apply_adapter(backbone, "idpt", layer=0)
+    with pytest.raises(ValueError, match="layer=5 is out of range for the model's 2 blocks"):
+        apply_adapter(backbone, "idpt", layer=5)
+    apply_adapter(backbone, "idpt", layer=0, keep_prompt=False)
+    assert type(backbone.blocks.blocks[0]).__name__ == "IDPTBlock"
+    assert type(backbone.blocks.blocks[1]).__name__ == "Block"
 
 
 # --- timm ViT: the same wrappers on stock timm blocks -------------------------------------
