@@ -5,6 +5,8 @@ The npz files are written from a timm model in the key layout of Google's origin
 mapping written out here, and timm's own npz reader (``_load_weights``) is the independent
 reference our converter must agree with.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -249,3 +251,24 @@ def test_our_lora_equals_peft_lora_given_the_same_factors():
                                    layer.lora_B["default"].weight.grad)
     torch.testing.assert_close(ours.head.weight.grad,
                                theirs.base_model.model.head.modules_to_save["default"].weight.grad)
+
+
+# ---- the engine on an image config ---------------------------------------------------------
+
+def test_image_config_trains_and_its_checkpoint_evaluates_the_same(tmp_path):
+    from pointclora.config import load_config
+    from pointclora.engine.checkpoint import load_checkpoint
+    from pointclora.engine.distributed import DistInfo
+    from pointclora.engine.evaluate import evaluate_checkpoint
+    from pointclora.engine.trainer import fit
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml"
+    cfg = load_config(demo, [
+        "data.samples_per_class=6", "data.num_classes=4", "model.depth=1", "train.epochs=2",
+        "train.batch_size=8", "train.val_every=1", f"output_dir={tmp_path / 'run'}"])
+    metrics = fit(cfg, tmp_path / "run", DistInfo())
+    assert metrics["task"] == "image_classification" and metrics["parameters"]["trainable"] > 0
+    assert "no resize (32 px)" in metrics["protocol"]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")
+    result = evaluate_checkpoint(ckpt["config"], ckpt, DistInfo())
+    assert result["samples"] == 24 and result["acc"] == metrics["final_acc"]

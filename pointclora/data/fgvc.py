@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .common import DataError
-from .images import ImageFiles, image_transform, missing_root
+from .images import ImageFiles, image_transform, missing_root, split_name
 
 # dataset folder -> (classes, image folder inside it, relative to which the json paths are)
 FGVC_DATASETS = {
@@ -57,8 +57,7 @@ def build_fgvc(cfg: dict, split: str) -> ImageFiles:
     dataset = cfg.get("dataset")
     if dataset not in FGVC_DATASETS:
         raise DataError(f"data.dataset must be one of {sorted(FGVC_DATASETS)}; got {dataset!r}")
-    name = {"train": cfg.get("train_split", "train"),
-            "test": cfg.get("test_split", "test")}.get(split, split)
+    name = split_name({**cfg, "name": "fgvc"}, split)
     if name not in FGVC_SPLITS:
         raise DataError(f"FGVC splits are {FGVC_SPLITS}; got {name!r} for {split!r}")
     folder = Path(cfg.get("root") or "datasets/fgvc").expanduser() / dataset

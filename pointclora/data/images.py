@@ -24,6 +24,16 @@ TRANSFORMS = ("vtab", "fgvc", "none")
 TRANSFORM_KEYS = ("img_size", "transform", "mean", "std")
 # data.name of the image datasets (registered in build.py); the engine's image task serves them
 IMAGE_DATASETS = ("vtab1k", "fgvc", "image_folder", "synthetic_images")
+# (train_split, test_split) of the datasets whose lists name their splits
+SPLIT_DEFAULTS = {"vtab1k": ("train800val200", "test"), "fgvc": ("train", "test")}
+
+
+def split_name(cfg: dict, split: str) -> str:
+    """The dataset's split behind the engine's ``train`` / ``test`` (``data.train_split`` /
+    ``data.test_split``, defaults in SPLIT_DEFAULTS); any other name is taken as given."""
+    train, test = SPLIT_DEFAULTS.get(cfg.get("name"), ("train", "test"))
+    return {"train": cfg.get("train_split", train),
+            "test": cfg.get("test_split", test)}.get(split, split)
 TRANSFORM_TEXT = {
     "vtab": "Resize(({size}, {size}), bicubic), no augmentation",
     "fgvc": "train: Resize({resize}), RandomCrop({size}), horizontal flip; test: Resize({resize}), "
@@ -79,8 +89,7 @@ def image_protocol(cfg: dict) -> str:
     mode = cfg.get("transform", default)
     size = int(cfg.get("img_size", 32 if default == "none" else 224))
     text = TRANSFORM_TEXT.get(mode, mode).format(size=size, resize=round(size * 8 / 7))
-    splits = (f"; train split {cfg['train_split']}, test split {cfg['test_split']}"
-              if "train_split" in cfg and "test_split" in cfg else "")
+    splits = f"; train split {split_name(cfg, 'train')}, test split {split_name(cfg, 'test')}"
     return (f"{text}; normalised with mean {list(cfg.get('mean', DEFAULT_MEAN))}, std "
             f"{list(cfg.get('std', DEFAULT_STD))}{splits}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import DataError
-from .images import ImageFiles, image_transform, missing_root, read_label_list
+from .images import ImageFiles, image_transform, missing_root, read_label_list, split_name
 
 # The 19 tasks and their class counts, by group (VTAB's Natural / Specialized / Structured).
 VTAB_GROUPS = {
@@ -38,8 +38,7 @@ PUBLISHED = ("The VTAB-1k folders in this layout are published by the NOAH proje
 def vtab_split(cfg: dict, split: str) -> str:
     """The VTAB list behind the engine's ``train`` / ``test`` (``train_split`` /
     ``test_split``: train800val200 / test by default), or a VTAB split named directly."""
-    name = {"train": cfg.get("train_split", "train800val200"),
-            "test": cfg.get("test_split", "test")}.get(split, split)
+    name = split_name({**cfg, "name": "vtab1k"}, split)
     if name not in VTAB_SPLITS:
         raise DataError(f"VTAB-1k splits are {VTAB_SPLITS}; got {name!r} for {split!r}")
     return name
