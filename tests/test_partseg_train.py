@@ -47,6 +47,14 @@ def test_train_and_test_a_segmentation_run(tmp_path):
     tested = json.loads(out.read_text())
     assert tested["ins_miou"] == pytest.approx(metrics["final_ins_miou"])  # same evaluation
     assert tested["per_category_miou"] == per_category
+    visualize = load_tool("visualize")
+    vis = tmp_path / "vis"
+    assert visualize.main(["--ckpt", str(run / "checkpoints/last.pth"), "--out", str(vis),
+                           "--samples", "3", "--backend", "matplotlib", "--tile", "96",
+                           "--device", "cpu"]) == 0
+    summary = json.loads((vis / "summary.json").read_text())
+    assert summary["files"] == ["samples_000.png"] and len(summary["shape_iou"]) == 3
+    assert (vis / "samples_000.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("double", [False, True])

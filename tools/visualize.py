@@ -31,8 +31,12 @@ from pointclora.config import (
     validate,
 )
 from pointclora.data import build_batch_transform
+from pointclora.data.shapenetpart import SHAPENETPART_PARTS
 from pointclora.engine import cleanup, init_distributed, load_checkpoint, predict, restore_model
 from pointclora.engine.build import build_datasets, model_config, resolve_config
+from pointclora.engine.metrics import part_miou, restrict_to_category
+from pointclora.engine.segmentation import PartSegmentationTask
+from pointclora.engine.tasks import build_task
 from pointclora.models import build_model
 from pointclora.viz import (
     BACKENDS,
@@ -51,6 +55,7 @@ from pointclora.viz import (
     show_interactive,
     write_pages,
 )
+from pointclora.viz.parts import part_legend, part_tiles
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,7 +142,10 @@ def main(argv=None) -> int:
         info = init_distributed(args.device)
         try:
             predictions = None
-            if ckpt is not None:
+            segmentation = build_task(cfg).name == PartSegmentationTask.name
+            if segmentation:
+                written = render_parts(args, dataset, shown, cfg, ckpt, info.device)
+            elif ckpt is not None:
                 model, _ = restore_model(cfg, ckpt, args.trust_pickle)
                 model.to(info.device).eval()
                 n_eval = max(args.max_eval or len(dataset), len(shown))
@@ -147,8 +155,9 @@ def main(argv=None) -> int:
                 predictions = Predictions.from_logits(evaluated, logits, labels)
             elif args.patches:
                 model = build_model({**model_config(cfg), "pretrained": None}).to(info.device)
-            written = render(args, cfg, dataset, transform, shown, predictions,
-                             model if args.patches else None, info.device)
+            if not segmentation:
+                written = render(args, cfg, dataset, transform, shown, predictions,
+                                 model if args.patches else None, info.device)
         finally:
             cleanup()
     except (ValueError, OSError, RuntimeError) as err:
@@ -209,6 +218,41 @@ def render(args, cfg, dataset, transform, shown, predictions, model, device) -> 
                 print(f"warning: {err}", file=sys.stderr)
                 break
     return written
+
+
+def render_parts(args, dataset, shown, cfg, ckpt, device) -> list[Path]:
+    """Part segmentation: ground truth and (with --ckpt) prediction side by side, parts
+    coloured by their index within the category (docs/segmentation.md)."""
+    style = GalleryStyle(tile=args.tile, point_size=args.point_size,
+                         view=View(up=args.up or "y"),
+                         backend=None if args.backend == "auto" else args.backend)
+    items = [dataset[i] for i in shown]
+    points = torch.stack([item[0][:, :3] for item in items])
+    category = torch.tensor([item[1] for item in items])
+    target = torch.stack([item[2] for item in items])
+    heading = f"{cfg['data']['name']} {args.split}: {len(shown)} of {len(dataset)} shapes"
+    predictions = ious = None
+    if ckpt is not None:
+        model, _ = restore_model(cfg, ckpt, args.trust_pickle)
+        with torch.no_grad():
+            out = model.to(device).eval()(points.to(device), category.to(device)).cpu()
+        pred = restrict_to_category(out, category)
+        result = part_miou(pred, target, category)
+        predictions = dict(zip(shown, pred.numpy(), strict=True))
+        ious = dict(zip(shown, result["shape_iou"].tolist(), strict=True))
+        heading += f", instance mIoU {100 * result['instance_miou']:.1f} over them"
+    tiles = part_tiles(dict(zip(shown, points.numpy(), strict=True)),
+                       dict(zip(shown, category.tolist(), strict=True)),
+                       dict(zip(shown, target.numpy(), strict=True)), SHAPENETPART_PARTS,
+                       style, predictions, ious)
+    written = write_pages(tiles, args.out, "samples", 2 * args.per_page, args.ncols, heading,
+                          part_legend())
+    summary = {"config": args.config, "ckpt": args.ckpt, "split": args.split,
+               "samples": shown, "categories": category.tolist(),
+               "shape_iou": None if ious is None else [ious[i] for i in shown],
+               "files": [p.name for p in written]}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return [*written, args.out / "summary.json"]
 
 
 if __name__ == "__main__":
