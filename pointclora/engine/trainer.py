@@ -2,9 +2,10 @@
 
 `fit` reads as its steps: `_setup` builds the run (folder, data, model, optimiser; on resume
 all of it from `checkpoints/last.pth`), `_announce` logs what runs, then each epoch is
-`_train_epoch`, `_evaluate` and `_save`, and `_finish` writes `metrics.json` and the figures.
-The task (`tasks.py`) supplies the batch handling, the loss, the metrics and what "best"
-means; `Run` holds the built pieces and `RunState` what changes as training goes.
+`_train_epoch` (`_optimise` per batch), `_evaluate` and `_save`, and `_finish` writes
+`metrics.json` and the figures. The task (`tasks.py`) supplies the batch handling, the loss,
+the metrics and what "best" means; `Run` holds the built pieces and `RunState` what changes
+as training goes.
 
 Runs as a single process or under `torchrun` (DDP); rank 0 alone writes files. A run
 resumed from `checkpoints/last.pth` continues bit for bit: model, optimiser, scheduler,
@@ -332,15 +333,7 @@ def _train_epoch(run: Run, epoch: int) -> dict:
         inputs, target = task.prepare(batch, info.device, run.transforms["train"])
         output = forward(run.model, inputs, info.device, run.dtype)
         loss = task.loss(output, target) + regularization_loss(run.core)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        if tcfg.get("double_step"):  # the official part-segmentation loop: a step before clipping
-            run.optimizer.step()
-        if tcfg["grad_clip"]:
-            run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"])
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        _optimise(run, loss, params)
         n = target.shape[0]
         correct, counted = task.train_counts(output, target)
         totals += torch.tensor([loss.item() * n, n, correct, counted], dtype=torch.float64)
@@ -350,6 +343,20 @@ def _train_epoch(run: Run, epoch: int) -> dict:
     loss_sum, samples, correct, counted = totals.tolist()
     return {"epoch": epoch, "lr": lr, "train_loss": loss_sum / samples,
             "train_acc": 100.0 * correct / counted}
+
+
+def _optimise(run: Run, loss: torch.Tensor, params: list) -> None:
+    """Backward, gradient-norm clip (`train.grad_clip`), optimiser step, through the scaler."""
+    tcfg = run.tcfg
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if tcfg.get("double_step"):  # the official part-segmentation loop: a step before clipping
+        run.optimizer.step()
+    if tcfg["grad_clip"]:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, tcfg["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
 
 
 def _evaluate(run: Run, epoch: int, row: dict) -> bool:
