@@ -48,7 +48,8 @@ def test_overrides_dotted_keys_and_yaml_values(tmp_path):
     path = write(tmp_path / "c.yaml", {"data": {"name": "synthetic"}})
     cfg = load_config(path, ["train.lr=1e-3", "train.epochs=7", "model.pretrained=null",
                              "adapter.target_modules=[qkv, proj]",
-                             "data.name=modelnet40", "adapter.r=4", "train.amp=bf16", "output_dir=runs/x"])
+                             "data.name=modelnet40", "adapter.r=4", "train.amp=bf16",
+                             "output_dir=runs/x"])
     assert cfg["train"]["lr"] == pytest.approx(1e-3) and isinstance(cfg["train"]["lr"], float)
     assert cfg["train"]["epochs"] == 7
     assert cfg["model"]["pretrained"] is None
@@ -74,11 +75,27 @@ def test_scientific_notation_in_files_is_float(tmp_path):
     ("train.amp=fp8", "train.amp"),
     ("train.epochs=0", "train.epochs"),
     ("train.warmup_epochs=-1", "warmup_epochs"),
+    # one rule in every section: the key, what it takes, what it got (a bool is no integer)
+    ("train.epochs=true", r"train.epochs must be an integer >= 1; got True \(bool\)"),
+    ("train.lr=abc", r"train.lr must be a number >= 0; got 'abc' \(str\)"),
+    ("data.npoints=abc", "data.npoints must be an integer"),
+    ("data.npoint=1024", r"unknown data key\(s\) \['data.npoint'\]; valid keys: .*'npoints'"),
+    ("model.depth=abc", "model.depth must be an integer"),
+    ("model.trust_pickle=true", r"unknown model key\(s\) \['model.trust_pickle'\]"),
+    ("adapter.r=true", r"adapter.r must be an integer; got True"),
+    ("adapter.rank=8", r"unknown adapter key\(s\) \['adapter.rank'\]; valid keys: .*'r'"),
+    ("adapter.method=lora2", "adapter.method must be one of"),
 ])
 def test_bad_overrides_are_rejected(tmp_path, override, match):
     path = write(tmp_path / "c.yaml", {"data": {"name": "synthetic"}})
     with pytest.raises(ValueError, match=match):
         load_config(path, [override])
+
+
+def test_nullable_keys_take_null_and_ints_pass_as_numbers(tmp_path):
+    path = write(tmp_path / "c.yaml", {"data": {"name": "synthetic"}})
+    cfg = load_config(path, ["train.grad_clip=null", "train.lr=1", "model.cls_dim=null"])
+    assert cfg["train"]["grad_clip"] is None and cfg["train"]["lr"] == 1
 
 
 def test_unknown_section_missing_file_cycle_and_non_mapping(tmp_path):
