@@ -4,6 +4,7 @@
   python tools/prepare_data.py modelnet40_fewshot datasets/modelnet40_normal_resampled \\
       --out datasets/ModelNetFewshot
   python tools/prepare_data.py synthetic datasets/synthetic_modelnet --layout modelnet40
+  python tools/prepare_data.py synthetic_parts datasets/synthetic_shapenetpart
 
 Files are written atomically and never replace existing ones without --force.
 See datasets/README.md for the layouts.
@@ -18,6 +19,7 @@ from pointclora.data import DataError
 from pointclora.data import fewshot as fs
 from pointclora.data import modelnet40 as mn
 from pointclora.data import synthetic as syn
+from pointclora.data import synthetic_parts as parts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="max occluded fraction (default 0; 0.3 for pb_t50_rs)")
     s.add_argument("--rotation", choices=syn.ROTATIONS, default="up")
     s.add_argument("--force", action="store_true")
+
+    sp = sub.add_parser("synthetic_parts", help="write synthetic part shapes in the official "
+                        "ShapeNetPart layout")
+    sp.add_argument("out", type=Path)
+    sp.add_argument("--samples-per-category", type=int, default=4,
+                    help="shapes per category in each of train, val and test")
+    sp.add_argument("--num-categories", type=int, default=16)
+    sp.add_argument("--npoints", type=int, default=2500)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--force", action="store_true")
     return p
 
 
@@ -79,6 +91,10 @@ def main(argv=None) -> int:
             paths = fs.make_folds(args.root, args.out, args.way, args.shot, args.folds,
                                   args.query, args.seed, args.points, args.cache_dir, args.force)
             print(f"wrote {len(paths)} folds under {args.out}")
+        elif args.command == "synthetic_parts":
+            parts.write_shapenetpart_layout(args.out, args.samples_per_category, args.npoints,
+                                            args.seed, args.num_categories, args.force)
+            print(f"wrote synthetic ShapeNetPart data to {args.out}")
         else:
             options = dict(num_classes=args.num_classes, samples_per_class=args.samples_per_class,
                            seed=args.seed, noise=args.noise, rotation=args.rotation,
