@@ -66,7 +66,7 @@ def _own_result(path: Path) -> bool:
 
 
 def report(result: dict, ckpt: dict) -> str:
-    """The printed result: headline metrics, how they were obtained, the per-class table."""
+    """The printed result: headline metrics, how they were obtained, per-class tables."""
     saved = ckpt.get("metrics") or {}
     lines = [f"test {result['summary']}; voting: {result['voting']}; {result['samples']} "
              f"samples, checkpoint epoch {result['epoch']}"]
@@ -78,12 +78,20 @@ def report(result: dict, ckpt: dict) -> str:
                      f"{stats['mean']:.2f} std {stats['std']:.2f} (min {stats['min']:.2f}, "
                      f"max {stats['max']:.2f})")
     lines.append(f"protocol: {result['protocol']}")
-    per_class = result.get("per_class_acc")
-    if per_class:
-        lines.append(f"{'class':<24}{'accuracy %':>12}{'samples':>9}")
-        lines += [f"{name:<24}{'-' if row['acc'] is None else format(row['acc'], '.2f'):>12}"
-                  f"{row['samples']:>9}" for name, row in per_class.items()]
+    for key, table in result.items():  # the task's per-class tables (dicts of rows)
+        if isinstance(table, dict) and table and all(isinstance(r, dict) for r in
+                                                     table.values()):
+            columns = list(next(iter(table.values())))
+            lines.append(f"{key:<24}" + "".join(f"{c:>12}" for c in columns))
+            lines += [f"{name:<24}" + "".join(f"{_cell(row.get(c)):>12}" for c in columns)
+                      for name, row in table.items()]
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return format(value, ".2f") if isinstance(value, float) else str(value)
 
 
 def main(argv=None) -> int:
