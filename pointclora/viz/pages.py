@@ -67,9 +67,9 @@ def class_legend(labels, class_names) -> list[tuple[tuple, str]]:
 
 def patch_legend() -> list[tuple[tuple, str]]:
     """What the colours of a patch page mean (`patch_colors`)."""
-    return [(UNGROUPED, "grey: cloud points in no patch"),
-            (tuple(palette(1)[0]), "colours: one kNN patch each"),
-            (CENTRE, "black: FPS centre of each patch")]
+    return [(UNGROUPED, "grey: points in no patch"),
+            (tuple(palette(1)[0]), "colour: one kNN patch each"),
+            (CENTRE, "black: FPS patch centres")]
 
 
 def correctness_legend() -> list[tuple[tuple, str]]:
@@ -105,7 +105,8 @@ def save_page(tiles: list[Tile], path: str | Path, ncols: int = 4, heading: str 
     h, w = tiles[0].image.shape[:2]
     lines = max(t.title.count("\n") + 1 for t in tiles)
     title_in, heading_in = 0.1 + 0.18 * lines, 0.45 if heading else 0.0
-    legend_cols = max(1, min(len(legend or ()), int(ncols * w / dpi / 1.8)))
+    widest = max((0.35 + 0.075 * len(text) for _, text in legend or ()), default=1.0)
+    legend_cols = max(1, min(len(legend or ()), int(ncols * w / dpi / widest)))
     legend_in = 0.1 + 0.22 * -(-len(legend) // legend_cols) if legend else 0.0
     fig = Figure(figsize=(ncols * w / dpi, nrows * (h / dpi + title_in) + heading_in + legend_in),
                  dpi=dpi, facecolor="white")
