@@ -129,7 +129,7 @@ class PartSegmentation(nn.Module):
                              f"{fetch!r}")
         self.config["fetch_blocks"] = list(fetch)
         self.fetch_blocks = fetch
-        self.num_parts = self.cls_dim = num_parts
+        self.num_parts = num_parts
         self.num_categories = num_categories
         self.num_group = num_group
         self.group_size = group_size
