@@ -47,9 +47,10 @@ CASES = {
              r"blocks\.blocks\.\d\.(dapt_prompt_(gamma|beta)|base_layer\.(mlp\.dapt_.*|"
              r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.base_layer\.fc1|mlp\.base_layer\.fc2)"
              r"\.dapt_(gamma|beta)))"),
+    "pointgst": ("pointgst", {"rank": 4, "local": 8}, r"blocks\.blocks\.\d\.pgst_.*"),
     "idpt": ("idpt", {"k": 4}, r"blocks\.blocks\.1\.idpt_(generator\..*|prompt_pos)"),
 }
-IDENTITY_AT_INIT = {"adapter", "adapter_aoft_star", "adapter_aoft_plain"}
+IDENTITY_AT_INIT = {"adapter", "adapter_aoft_star", "adapter_aoft_plain", "pointgst"}
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +228,8 @@ def test_parameter_counts_match_the_formulas(pretrained):
     adapter = 2 * D + (D + 1) + (D * k + k) + (k * D + D)
     shifts = 2 * (3 * D + D + 4 * D + D + D + D + D)
     assert added("dapt") == blocks * (adapter + shifts)
+    r = 36
+    assert added("pointgst") == blocks * ((D * r + r) + (r * D + D) + (r * r + r) + 2 * 2 * r)
     assert added("idpt") == 3 * (2 * D * D + 2 * D) + (3 * D * D + 2 * D) + D
 
 
@@ -310,6 +313,66 @@ def test_dapt_equation(backbone):
     assert first.carry.tokens is None  # nothing held between passes
 
 
+def test_pointgst_bases(backbone, points):
+    apply_adapter(backbone, "pointgst", rank=4, local=8)
+    backbone(points)
+    spectra = backbone.pos_embed.spectra
+    _, centres = backbone.group(points)
+    for b in range(2):
+        c = centres[b]
+        n = c.shape[0]
+        adjacency = torch.empty(n, n)
+        smallest = min((c[i] - c[j]).norm() for i in range(n) for j in range(n) if i != j)
+        for i in range(n):
+            for j in range(n):
+                adjacency[i, j] = 1 / ((c[i] - c[j]).norm() / smallest + (i == j))
+        degree = adjacency.sum(1)
+        laplacian = torch.eye(n) - adjacency / torch.sqrt(degree[:, None] * degree[None, :])
+        u = spectra.basis[b]
+        eigenvalues = torch.diagonal(u.t() @ laplacian @ u)
+        torch.testing.assert_close(laplacian @ u, u * eigenvalues, atol=1e-4, rtol=0)
+        torch.testing.assert_close(u.t() @ u, torch.eye(n), atol=1e-4, rtol=0)
+        assert (eigenvalues.diff() >= -1e-5).all()
+        # z-order: the quantised coordinates' bits interleaved x, y, z from the top
+        cells = ((c - c.amin(0)) / (c.amax(0) - c.amin(0)).max() * 1023).round().long()
+        keys = [int("".join(f"{int(v):010b}"[bit] for bit in range(10) for v in cell), 2)
+                for cell in cells]
+        assert spectra.order[b].tolist() == sorted(range(n), key=keys.__getitem__)
+
+
+def test_pointgst_equation(backbone, points):
+    apply_adapter(backbone, "pointgst", rank=4, local=8, scale=0.5)
+    nudge(backbone)
+    backbone(points)  # the bases of these clouds
+    spectra, wrapper = backbone.pos_embed.spectra, backbone.blocks.blocks[1]
+    x = torch.randn(4, 17, D)
+    z = x @ wrapper.pgst_down.weight.t() + wrapper.pgst_down.bias
+    h, patches = F.silu(z), z[:, 1:]
+
+    def tune(v, norm):
+        mixed = F.layer_norm(v, (4,), norm.weight, norm.bias, norm.eps) @ wrapper.pgst_mix.weight.t()
+        return v + F.silu(mixed + wrapper.pgst_mix.bias)
+
+    extra = torch.zeros_like(patches)
+    for b in range(4):
+        u = spectra.basis[b]
+        extra[b] += u @ tune(u.t() @ patches[b], wrapper.pgst_norm_global)
+        for g in range(2):
+            idx = spectra.order[b, 8 * g: 8 * (g + 1)]
+            us = spectra.local_basis[b, g]
+            extra[b, idx] += us @ tune(us.t() @ patches[b, idx], wrapper.pgst_norm_local)
+    h = torch.cat([h[:, :1], h[:, 1:] + extra], 1)
+    expected = point_mae_block(wrapper.base_layer, x) + 0.5 * (
+        h @ wrapper.pgst_up.weight.t() + wrapper.pgst_up.bias)
+    torch.testing.assert_close(wrapper(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pointgst_refusals(backbone, points):
+    apply_adapter(backbone, "pointgst", local=5)
+    with pytest.raises(ValueError, match="local=5 must divide the number of patches 16"):
+        backbone(points)
+
+
 def test_idpt_picks_one_block(backbone, pretrained):
     options = resolve_options("idpt", {}, pretrained)
     assert options["blocks"] == ["blocks.blocks.1"] and options["layer"] == 0
@@ -342,6 +405,10 @@ def test_timm_vit_takes_every_case(case, vit):
     method, options, _ = CASES[case]
     images = torch.randn(2, 3, 32, 32)
     reference = vit(images)
+    if method == "pointgst":  # needs 3D patch centres
+        with pytest.raises(ValueError, match=r"an image ViT\) cannot take pointgst"):
+            apply_adapter(vit, method, **options)
+        return
     apply_adapter(vit, method, **options)
     out = vit(images)
     assert out.shape == reference.shape

@@ -3,7 +3,7 @@
 Importing a method module registers it; the order below is the order of ``METHODS``.
 """
 from . import full, linear, lora, clora, serial_lora, aoft  # noqa: F401,I001  (registration order)
-from . import adapter, vpt_deep, idpt, dapt  # noqa: F401,I001
+from . import adapter, vpt_deep, idpt, dapt, pointgst  # noqa: F401,I001
 from .aoft import AOFT, AOFTLinear, AOFTOptions, ao_columns
 from .api import (
     adapter_config,
