@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,31 @@ def test_ctrl_c_mid_epoch_exits_130_with_the_resume_command_and_no_traceback(tmp
     assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 1
     assert [int(r["epoch"]) for r in read_log(run)] == [0, 1]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_on_a_real_training_process(tmp_path):
+    """What a user sees: SIGINT to `python tools/train.py` mid-run ends it with status 130,
+    no traceback, and the resume command on stderr."""
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 500})
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tools/train.py"), "--config", str(config), "--out",
+         str(run), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        hang_guard = time.monotonic() + 600
+        while not (run / "checkpoints/last.pth").is_file() and proc.poll() is None:
+            if time.monotonic() > hang_guard:
+                pytest.fail("the run wrote no checkpoint")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "Traceback" not in err and "SIGINT" in err
+    assert err.strip().splitlines()[-1].split()[-1] == "--resume"
+    load_checkpoint(run / "checkpoints/last.pth")  # a complete checkpoint to resume from
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path,
