@@ -11,22 +11,23 @@ from pointclora.runtime import SWITCH, free_cpus
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = sorted((ROOT / "tools").glob("*.py"))
 
-# Records OMP_WAIT_POLICY at the moment torch is first imported, then runs the tool's --help.
+# Runs a tool up to its first import of torch and prints OMP_WAIT_POLICY at that moment.
 SPY = """
 import os, runpy, sys
-seen = []
+class TorchImported(Exception):
+    pass
 class Spy:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        if name == "torch":
+            raise TorchImported(os.environ.get("OMP_WAIT_POLICY"))
         return None
 sys.meta_path.insert(0, Spy())
 sys.argv = [{tool!r}, "--help"]
 try:
     runpy.run_path({tool!r}, run_name="__main__")
-except SystemExit:
-    pass
-print("AT_TORCH_IMPORT", seen[0] if seen else "never")
+    print("AT_TORCH_IMPORT never")
+except TorchImported as seen:
+    print("AT_TORCH_IMPORT", seen.args[0])
 """
 
 
