@@ -272,3 +272,21 @@ def test_image_config_trains_and_its_checkpoint_evaluates_the_same(tmp_path):
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")
     result = evaluate_checkpoint(ckpt["config"], ckpt, DistInfo())
     assert result["samples"] == 24 and result["acc"] == metrics["final_acc"]
+
+
+def test_flops_of_an_image_config_against_the_vit_formula():
+    from pointclora.analysis.report import build_adapted, complexity_report, example_input
+    from pointclora.config import load_config
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo_image.yaml"
+    cfg = load_config(demo, ["model.cls_dim=10"])
+    sample = example_input(cfg["data"])
+    assert sample.shape == (1, 3, 32, 32)
+    plain = complexity_report(build_adapted(cfg, "full"), sample, executed=False)
+    N, D, depth, patch = 1 + (32 // 8) ** 2, 64, 2, 8  # tokens, width, blocks, patch size
+    block = N * D * 3 * D + 2 * N * N * D + N * D * D + 2 * N * D * 4 * D  # qkv, attn, proj, mlp
+    matmuls = (N - 1) * 3 * patch * patch * D + depth * block + D * 10
+    ops = plain["flops_by_operator"]
+    assert ops["conv"] + ops["linear"] + ops["scaled_dot_product_attention"] == matmuls
+    lora = complexity_report(build_adapted(cfg, "lora"), sample, executed=False)
+    assert lora["flops"] > plain["flops"] and lora["merged"]["flops"] == plain["flops"]

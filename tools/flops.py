@@ -22,6 +22,7 @@ import torch
 
 from pointclora.adapters import METHODS
 from pointclora.analysis import build_adapted, complexity_report, methods_table
+from pointclora.analysis.report import example_input, input_description
 from pointclora.config import add_override_argument, load_config
 from pointclora.engine.rundir import check_output_file
 
@@ -54,8 +55,7 @@ def _fmt_row(name: str, unmerged, merged, fmt: str) -> str:
 def format_report(cfg: dict, method: str, report: dict) -> str:
     m, merged = cfg["model"], report["merged"] or {}
     lines = [
-        f"{m['name']} + {method} on {cfg['data']['name']}: one cloud of "
-        f"{cfg['data']['npoints']} points, {m['num_group']} groups of {m['group_size']}",
+        f"{m['name']} + {method} on {cfg['data']['name']}: {input_description(cfg)}",
         f"  {'':<34}{'unmerged':>16}{'merged':>16}",
         _fmt_row("GFLOPs (fvcore)", report["gflops"], merged.get("gflops"), ".3f"),
         _fmt_row("GMACs (modules, thop-style)", report["gmacs_modules"],
@@ -103,13 +103,13 @@ def main(argv=None) -> int:
             return 0
         method = args.method or cfg["adapter"]["method"]
         model = build_adapted(cfg, method).to(device)
-        report = complexity_report(model, cfg["data"]["npoints"])
+        report = complexity_report(model, example_input(cfg["data"]))
     except (ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"config": args.config, "method": method,
-                          "npoints": cfg["data"]["npoints"], **report}, indent=2))
+                          "npoints": cfg["data"].get("npoints"), **report}, indent=2))
     else:
         print(format_report(cfg, method, report))
     return 0

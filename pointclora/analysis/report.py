@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pointclora.adapters import METHODS, apply_adapter, merge_adapter, parameter_report
+from pointclora.data.images import IMAGE_DATASETS
 from pointclora.engine.build import build_datasets, model_config, resolve_config
 from pointclora.models import BACKBONES, build_model
 
@@ -67,15 +68,35 @@ def _costs(model: nn.Module, points: torch.Tensor, executed: bool) -> dict:
     return out
 
 
+def example_input(cfg_data: dict) -> torch.Tensor:
+    """One sample of the configured data: a cloud of `npoints` points, or for image datasets
+    one image of `img_size` pixels."""
+    if cfg_data["name"] in IMAGE_DATASETS:
+        size = int(cfg_data.get("img_size", 224))
+        return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return sample_points(cfg_data["npoints"])
+
+
+def input_description(cfg: dict) -> str:
+    """What one sample is, for report headers."""
+    data, m = cfg["data"], cfg["model"]
+    if data["name"] in IMAGE_DATASETS:
+        return f"one {data.get('img_size', 224)}-pixel image, {m.get('arch')}"
+    return f"one cloud of {data['npoints']} points, {m['num_group']} groups of {m['group_size']}"
+
+
 @torch.no_grad()
-def complexity_report(model: nn.Module, npoints: int, executed: bool = True) -> dict:
-    """Parameters and both FLOP conventions for one cloud of `npoints`, unmerged and merged.
+def complexity_report(model: nn.Module, sample: int | torch.Tensor, executed: bool = True
+                      ) -> dict:
+    """Parameters and both FLOP conventions for one sample, unmerged and merged: a cloud of
+    `sample` points, or the given input (`example_input`).
 
     FLOPs count the official graph (see `official_graph`); `gflops_executed` is fvcore on
     the forward this package actually runs. Merging happens on a copy.
     """
     device = next(model.parameters()).device
-    points = sample_points(npoints, device=device)
+    points = (sample_points(sample, device=device) if isinstance(sample, int)
+              else sample.to(device))
     if hasattr(model, "example_inputs"):  # models that take more than the cloud
         points = model.example_inputs(points)
     report = _costs(model.eval(), points, executed)
@@ -93,16 +114,22 @@ def complexity_report(model: nn.Module, npoints: int, executed: bool = True) -> 
 
 def methods_table(cfg: dict, device: str | torch.device = "cpu") -> tuple[str, list[dict]]:
     """Markdown table of every adapter method on the config's backbone, and its rows."""
-    npoints = cfg["data"]["npoints"]
-    rows = []
+    sample = example_input(cfg["data"])
+    rows, unfit = [], []
     for method in METHODS:
-        report = complexity_report(build_adapted(cfg, method).to(device), npoints, executed=False)
+        try:
+            model = build_adapted(cfg, method)
+        except ValueError as err:  # a method this backbone cannot take (a point-only one)
+            if method == cfg["adapter"]["method"]:
+                raise
+            unfit.append(f"{method} ({str(err).split(':')[0]})")
+            continue
+        report = complexity_report(model.to(device), sample, executed=False)
         rows.append({"method": method, **report})
     m = cfg["model"]
     lines = [
-        f"Adapter methods on {m['name']} ({cfg['data']['name']}: {npoints} points, "
-        f"{m['num_group']} groups of {m['group_size']}, {rows[0]['params_total']:,} "
-        "parameters in the plain model).",
+        f"Adapter methods on {m['name']} ({cfg['data']['name']}: {input_description(cfg)}, "
+        f"{rows[0]['params_total']:,} parameters in the plain model).",
         "",
         "| method | trainable params (M, head incl.) | trainable w/o head (M) "
         "| GFLOPs unmerged | GFLOPs merged | mergeable | GMACs modules (as published) |",
@@ -120,11 +147,13 @@ def methods_table(cfg: dict, device: str | torch.device = "cpu") -> tuple[str, l
     lines += [
         "",
         "GFLOPs: fvcore convention (one multiply-add = one flop; attention matmuls, FPS/kNN "
-        "distances and adapter weight deltas included) for one cloud, official graph. "
+        "distances and adapter weight deltas included) for one sample, official graph. "
         "Unmerged adapters form their weight delta once per forward pass whatever the batch "
         "size; merging removes that cost. A method that cannot merge (prompts, nonlinear "
         "adapters) keeps its unmerged cost. GMACs modules: the thop-style convention of the "
         "published figures (Point-MAE 4.8), of the deployed model (merged where possible). "
         "Trainable counts include cls_token/cls_pos where the method trains them.",
     ]
+    if unfit:
+        lines.append(f"Not applicable to this backbone: {', '.join(unfit)}.")
     return "\n".join(lines) + "\n", rows
