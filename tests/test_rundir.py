@@ -245,6 +245,15 @@ def test_a_failed_start_does_not_block_the_retry(tmp_path, capsys):
     assert "never reached its first checkpoint" in capsys.readouterr().err
     assert train(config, run) == 0
     assert log_epochs(run) == [0, 1]
+    assert not locked_elsewhere(run)  # a finished fit lets go of its folder
+
+
+def locked_elsewhere(run: Path) -> bool:
+    """Whether another process fails to take the run folder's lock."""
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)")
+    return subprocess.run([sys.executable, "-c", probe, str(run / LOCK_NAME)],
+                          capture_output=True).returncode != 0
 
 
 def test_a_second_process_is_refused_until_the_first_dies(tmp_path):
@@ -259,6 +268,7 @@ def test_a_second_process_is_refused_until_the_first_dies(tmp_path):
         from pointclora.engine.rundir import release_run_dir
         release_run_dir(run)  # this process lets go: the helper takes it
         assert holder.stdout.readline().strip() == "held"
+        assert locked_elsewhere(run)
         with pytest.raises(RunLockedError, match="in use by another process"):
             prepare_run_dir(run, exist_ok=True)
         assert run.is_dir() and not list(tmp_path.glob("run.old-*"))

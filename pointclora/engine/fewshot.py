@@ -11,7 +11,7 @@ from pointclora.config import apply_overrides
 from pointclora.data.fewshot import available_folds
 
 from .distributed import DistInfo, on_main
-from .rundir import CKPT_DIR, LAST_CKPT, prepare_run_dir
+from .rundir import CKPT_DIR, LAST_CKPT, lock_run_dir, prepare_run_dir, release_run_dir
 from .trainer import METRICS_NAME, fit
 
 SUMMARY_NAME = "summary.json"
@@ -60,8 +60,25 @@ def run_folds(cfg: dict, run_dir: str | Path, folds: list[int], info: DistInfo,
     """
     run_dir = Path(run_dir)
     check_folds(cfg["data"], folds)
-    if not resume:
+    # The top folder is held too (summary.json is written there), released when done.
+    if resume:
+        on_main(info, lock_run_dir, run_dir)
+    else:
         on_main(info, prepare_run_dir, run_dir, exist_ok=exist_ok)
+    try:
+        summary = _train_folds(cfg, run_dir, folds, info, resume, exist_ok, trust_pickle)
+    finally:
+        release_run_dir(run_dir)
+    if info.is_main:
+        (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("few-shot over folds %s: %.2f +- %.2f (best epoch per fold)", folds,
+                    summary["best_acc_mean"], summary["best_acc_std"])
+    return summary
+
+
+def _train_folds(cfg: dict, run_dir: Path, folds: list[int], info: DistInfo, resume: bool,
+                 exist_ok: bool, trust_pickle: bool) -> dict:
+    """Each fold's run (or its finished metrics); the summary over the folds."""
     results = {}
     for fold in folds:
         out = fold_dir(run_dir, fold)
@@ -85,8 +102,4 @@ def run_folds(cfg: dict, run_dir: str | Path, folds: list[int], info: DistInfo,
         "protocol": results[folds[0]]["protocol"], "method": results[folds[0]]["method"],
         "data": {k: cfg["data"].get(k) for k in ("name", "way", "shot")},
     }
-    if info.is_main:
-        (run_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
-        logger.info("few-shot over folds %s: %.2f +- %.2f (best epoch per fold)", folds,
-                    summary["best_acc_mean"], summary["best_acc_std"])
     return summary

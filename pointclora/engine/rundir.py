@@ -90,8 +90,6 @@ def lock_run_dir(path: str | Path) -> Path:
             f"run directory {path} is in use by another process (it holds {path / LOCK_NAME}); "
             "wait for it to finish or stop it, then retry"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     _HELD[path] = fd
     return path
 

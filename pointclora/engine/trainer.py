@@ -63,7 +63,14 @@ from .evaluate import collect
 from .optim import build_optimizer
 from .plots import plot_curves
 from .recorder import Recorder, get_logger
-from .rundir import BEST_CKPT, CKPT_DIR, CONFIG_NAME, LAST_CKPT, prepare_run_dir
+from .rundir import (
+    BEST_CKPT,
+    CKPT_DIR,
+    CONFIG_NAME,
+    LAST_CKPT,
+    prepare_run_dir,
+    release_run_dir,
+)
 from .schedule import build_scheduler
 from .tasks import Task, build_task, forward
 
@@ -204,6 +211,8 @@ def fit(cfg: dict, run_dir: str | Path, info: DistInfo, resume: bool = False,
         err = TrainingInterrupted(stop.signum, run_dir, saved)
         logger.warning("%s", err)
         raise err from None
+    finally:
+        release_run_dir(run_dir)  # the folder is free for the next process once fit returns
 
 
 def _setup(cfg: dict, run_dir: Path, info: DistInfo, resume: bool, exist_ok: bool,
