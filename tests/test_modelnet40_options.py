@@ -39,3 +39,11 @@ def test_h5_files_with_another_format_is_named(root_with_cache_and_h5, fmt):
     cfg, _ = root_with_cache_and_h5
     with pytest.raises(DataError, match=f"data.h5_files .* data.format is '{fmt}'"):
         build_dataset(dict(cfg, format=fmt), "train")
+
+
+def test_cache_whose_labels_do_not_fit_the_names_is_named(root_with_cache_and_h5):
+    cfg, _ = root_with_cache_and_h5
+    del cfg["h5_files"]
+    with pytest.raises(DataError, match=r"labels go up to 39, but there are 2 class names; "
+                       r"data.format: auto \(a cache is found first\)"):
+        build_dataset(cfg, "train")

@@ -265,6 +265,13 @@ def build_modelnet40(cfg: dict, split: str) -> Dataset:
     if fmt == "h5":
         return _load_h5(cfg, h5_root or root, split, names)
     points, labels = load_cache(cache)
+    if len(labels) and int(labels.max()) >= len(names):
+        chosen = "data.format: cache" if cfg.get("format") == "cache" else (
+            "data.format: auto (a cache is found first)")
+        raise DataError(f"{cache}: labels go up to {int(labels.max())}, but there are "
+                        f"{len(names)} class names; {chosen} picked this cache. Point "
+                        "data.shape_names at its names, or pick the data you mean with "
+                        "data.format, data.cache_dir or data.h5_files")
     xyz = stack_xyz(points, str(cache))
     check_points(xyz, str(cache))
     return PointClouds(normalize_unit_sphere(xyz), labels, names, str(cache))
