@@ -350,8 +350,8 @@ def test_pointgst_equation(backbone, points):
     h, patches = F.silu(z), z[:, 1:]
 
     def tune(v, norm):
-        mixed = F.layer_norm(v, (4,), norm.weight, norm.bias, norm.eps) @ wrapper.pgst_mix.weight.t()
-        return v + F.silu(mixed + wrapper.pgst_mix.bias)
+        normed = F.layer_norm(v, (4,), norm.weight, norm.bias, norm.eps)
+        return v + F.silu(normed @ wrapper.pgst_mix.weight.t() + wrapper.pgst_mix.bias)
 
     extra = torch.zeros_like(patches)
     for b in range(4):

@@ -19,7 +19,6 @@ from torch import nn
 from .base import AdapterLayer
 from .registry import NAMES, Check, FrozenBackboneOptions, Method, option
 
-
 CHILD_NAMES = Check(
     lambda v: isinstance(v, (list, tuple)) and bool(v) and all(isinstance(c, str) and c for c in v),
     "a non-empty list of child-module names")
