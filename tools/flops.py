@@ -4,7 +4,8 @@
     python tools/flops.py --config configs/scanobjectnn/pb_t50_rs.yaml --json
     python tools/flops.py --config configs/scanobjectnn/pb_t50_rs.yaml --all-methods
 
-One cloud at the config's `data.npoints`. Two conventions (docs/tools.md):
+One sample: a cloud of `data.npoints` points, or one image of `data.img_size` pixels
+(docs/images.md). Two conventions (docs/tools.md):
 fvcore (one multiply-add = one flop, attention matmuls included) and module
 multiply-accumulates (thop-style, the convention of the published 4.8 GFLOPs).
 """
