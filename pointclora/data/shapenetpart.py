@@ -66,7 +66,7 @@ def read_shape(path: Path, category: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: cannot read the shape file ({e})") from None
     rows = text.split("\n")
     try:
-        data = np.array([line.split() for line in rows if line.strip()], dtype=np.float64)
+        data = np.loadtxt(rows, dtype=np.float64, ndmin=2)  # blank lines skipped
     except ValueError:
         data = None
     if data is None or data.ndim != 2 or data.shape[1] != 7:
