@@ -290,3 +290,45 @@ def test_flops_of_an_image_config_against_the_vit_formula():
     assert ops["conv"] + ops["linear"] + ops["scaled_dot_product_attention"] == matmuls
     lora = complexity_report(build_adapted(cfg, "lora"), sample, executed=False)
     assert lora["flops"] > plain["flops"] and lora["merged"]["flops"] == plain["flops"]
+
+
+def test_visualize_tool_on_an_image_checkpoint(tmp_path):
+    import importlib.util
+    import json
+
+    from pointclora.config import load_config
+    from pointclora.data import build_dataset
+    from pointclora.engine.build import build_run_model
+    from pointclora.engine.checkpoint import model_payload, save_checkpoint
+    from pointclora.viz.images import image_array, letterbox
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "demo_image.yaml", [
+        "data.samples_per_class=6", "data.num_classes=4", "model.depth=1", "model.cls_dim=4",
+        "adapter.method=full"])
+    torch.manual_seed(0)
+    model, init = build_run_model(cfg)
+    ckpt = tmp_path / "best.pth"
+    save_checkpoint({"config": cfg, "method": "full", "epoch": 0,
+                     **model_payload(model, cfg, init)}, ckpt)
+    spec = importlib.util.spec_from_file_location("visualize", root / "tools" / "visualize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "vis"
+    assert tool.main(["--ckpt", str(ckpt), "--out", str(out), "--samples", "5",
+                      "--per-page", "4", "--tile", "64"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    dataset = build_dataset(cfg["data"], "test")
+    with torch.no_grad():  # an independent forward of the normalised test images
+        pred = model.eval()(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    pred = pred.argmax(-1)
+    assert summary["evaluated"] == 24 and summary["renderer"] == "images"
+    assert summary["predictions"] == pred[summary["samples"]].tolist()
+    wrong = set(torch.nonzero(pred != torch.as_tensor(dataset.labels)).flatten().tolist())
+    assert set(summary["worst_mistakes"]) <= wrong
+    assert {"samples_000.png", "samples_001.png", "summary.json"} <= {
+        p.name for p in out.iterdir()}
+    # a tile is the image before normalisation, upscaled pixel by pixel
+    raw = image_array(dataset.load(0))
+    assert (letterbox(raw, 64) == raw.repeat(2, 0).repeat(2, 1)).all()
+    assert tool.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "p"), "--patches"]) == 2

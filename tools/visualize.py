@@ -30,13 +30,12 @@ from pointclora.config import (
     load_config,
     validate,
 )
-from pointclora.data import build_batch_transform
 from pointclora.data.shapenetpart import SHAPENETPART_PARTS
 from pointclora.engine import cleanup, init_distributed, load_checkpoint, predict, restore_model
 from pointclora.engine.build import build_datasets, model_config, resolve_config
 from pointclora.engine.metrics import part_miou, restrict_to_category
 from pointclora.engine.segmentation import PartSegmentationTask
-from pointclora.engine.tasks import build_task
+from pointclora.engine.tasks import ImageClassificationTask, build_task
 from pointclora.models import build_model
 from pointclora.viz import (
     BACKENDS,
@@ -55,6 +54,7 @@ from pointclora.viz import (
     show_interactive,
     write_pages,
 )
+from pointclora.viz.images import image_tiles
 from pointclora.viz.parts import part_legend, part_tiles
 
 
@@ -136,13 +136,17 @@ def main(argv=None) -> int:
         _check_out(args.out, args.overwrite)
         dataset = build_datasets(cfg, (args.split,))[args.split]
         cfg = resolve_config(cfg, {args.split: dataset})
-        transform = build_batch_transform(cfg["data"], "test")
+        task = build_task(cfg)
+        images = task.name == ImageClassificationTask.name
+        if images and (args.patches or args.show):
+            raise ValueError("--patches and --show draw point clouds; an image run has neither")
+        transform = task.transform("test")
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
         shown = sorted(order[:args.samples].tolist())
         info = init_distributed(args.device)
         try:
             predictions = None
-            segmentation = build_task(cfg).name == PartSegmentationTask.name
+            segmentation = task.name == PartSegmentationTask.name
             if segmentation:
                 written = render_parts(args, dataset, shown, cfg, ckpt, info.device)
             elif ckpt is not None:
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
                 model = build_model({**model_config(cfg), "pretrained": None}).to(info.device)
             if not segmentation:
                 written = render(args, cfg, dataset, transform, shown, predictions,
-                                 model if args.patches else None, info.device)
+                                 model if args.patches else None, info.device, images)
         finally:
             cleanup()
     except (ValueError, OSError, RuntimeError) as err:
@@ -168,21 +172,32 @@ def main(argv=None) -> int:
     return 0
 
 
-def render(args, cfg, dataset, transform, shown, predictions, model, device) -> list[Path]:
+def render(args, cfg, dataset, transform, shown, predictions, model, device,
+           images: bool = False) -> list[Path]:
+    """Pages of samples and of the worst mistakes; `images`: an image run (no 3D rendering,
+    tiles are the images before normalisation)."""
     names = dataset.class_names
     style = GalleryStyle(color=args.color, tile=args.tile, point_size=args.point_size,
                          view=View(up=args.up or cfg["data"].get("up_axis", "y")),
                          backend=None if args.backend == "auto" else args.backend)
-    backend = select_backend(style.backend)
-    clouds, labels = _clouds(dataset, shown, transform, args.seed)
+    backend = "images" if images else select_backend(style.backend)
+
+    def tiles_of(indices) -> list:
+        if images:
+            return image_tiles(dataset, indices, names, predictions, args.tile)
+        return sample_tiles(*_clouds(dataset, indices, transform, args.seed), names, style,
+                            predictions)
+
+    clouds, labels = ({}, {int(i): int(dataset.labels[i]) for i in shown}) if images else \
+        _clouds(dataset, shown, transform, args.seed)
     what = f"{cfg['data']['name']} {args.split}"
     heading = f"{what}: {len(shown)} of {len(dataset)} samples"
     if predictions is not None:
         heading += (f", accuracy {predictions.accuracy:.1f}% over "
                     f"{len(predictions.index)} evaluated")
     legend = correctness_legend() if predictions is not None and args.color == "correct" else ()
-    written = write_pages(sample_tiles(clouds, labels, names, style, predictions), args.out,
-                          "samples", args.per_page, args.ncols, heading, legend)
+    written = write_pages(tiles_of(shown), args.out, "samples", args.per_page, args.ncols,
+                          heading, legend)
     summary = {"config": args.config, "ckpt": args.ckpt, "split": args.split,
                "renderer": backend, "samples": shown, "labels": [labels[i] for i in shown]}
     if predictions is not None:
@@ -191,8 +206,7 @@ def render(args, cfg, dataset, transform, shown, predictions, model, device) -> 
                        predictions=[predictions.lookup(i)[0] for i in shown],
                        worst_mistakes=[int(i) for i in worst])
         if len(worst):
-            w_clouds, w_labels = _clouds(dataset, worst, transform, args.seed)
-            tiles = sample_tiles(w_clouds, w_labels, names, style, predictions)
+            tiles = tiles_of(worst)
             written.append(save_page(tiles, args.out / "worst_mistakes.png", args.ncols,
                                      f"{what}: most confident mistakes",
                                      legend=page_legend(tiles, legend)))
