@@ -165,6 +165,21 @@ def test_adapter_file_round_trip_and_merge_refused(case, backbone, pretrained, p
     assert torch.equal(backbone(points), expected)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_a_file_that_does_not_fit_leaves_the_model_as_it_was(case, backbone, pretrained, points):
+    method, options, _ = CASES[case]
+    apply_adapter(backbone, method, **options)
+    payload = adapter_state_dict(backbone)
+    payload["state_dict"].pop(next(k for k in payload["state_dict"] if re.search(r"\.\w+_", k)))
+    fresh = copy.deepcopy(pretrained)
+    with pytest.raises(ValueError, match="does not fit this model: missing"):
+        load_adapter(fresh, payload)
+    assert adapter_config(fresh) is None
+    assert [(n, type(m)) for n, m in fresh.named_modules()] == \
+        [(n, type(m)) for n, m in pretrained.named_modules()]
+    assert torch.equal(fresh(points), pretrained(points))
+
+
 # --- equations ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("aoft", ["none", "star", "plain"])

@@ -210,9 +210,15 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     The result is a plain backbone: the official state-dict keys, every parameter
     trainable again, every BatchNorm following ``train()``/``eval()`` as usual.
     """
+    return _remove_adapter(model, lambda layer: layer.merge())
+
+
+def _remove_adapter(model: nn.Module, fold) -> nn.Module:
+    """Every adapter layer replaced by ``fold(layer)``, then all adapter state removed; a
+    layer that cannot fold (a method that cannot merge) fails before anything changed."""
     cfg = _require_config(model)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
-    merged = [(n, m.merge()) for n, m in layers]  # a method that cannot merge fails here
+    merged = [(n, fold(m)) for n, m in layers]
     for name, module in merged:
         _replace(model, name, module)
     for name in cfg["shared"]:
@@ -352,7 +358,7 @@ def load_adapter(model: nn.Module, path_or_dict: str | os.PathLike | Mapping) ->
         _check_shapes(stored, state, source)
     except ValueError:
         if current is None:
-            merge_adapter(model)  # the fresh adapter is the identity: this restores the model
+            _remove_adapter(model, lambda layer: layer.unwrap())  # the fresh adapter is dropped
         raise
     model.load_state_dict(stored, strict=False)
     return model

@@ -91,6 +91,10 @@ class AdapterLayer(nn.Module):
         """The plain module computing what this one computes."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into its layer")
 
+    def unwrap(self) -> nn.Module:
+        """The wrapped module as it was: the adapter dropped, not folded in."""
+        return getattr(self, BASE_LAYER)
+
 
 class LowRankLinear(AdapterLayer):
     """A frozen linear layer plus a learned weight delta.

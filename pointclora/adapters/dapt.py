@@ -108,6 +108,15 @@ class DAPTBlock(NotMergeable):
         self.index, self.keep_prompts = carry.count, keep_prompts
         carry.count += 1
 
+    def unwrap(self) -> nn.Module:
+        """The block as it was: the scale-shifts and the adapter taken out again."""
+        block = self.base_layer
+        inner = [n for n, m in block.named_modules() if isinstance(m, (ScaleShift,
+                                                                       DynamicAdapterFFN))]
+        for name in sorted(inner, key=lambda n: -n.count(".")):  # the deepest first
+            _set(block, name, block.get_submodule(name).base_layer)
+        return block
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         carry, n = self.carry, x.shape[1]
         if self.index == 0:
