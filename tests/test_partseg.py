@@ -306,6 +306,26 @@ def test_every_adapter_method_applies_and_merges_to_official_keys(method):
         torch.testing.assert_close(model(points, cat), adapted, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method, options", [
+    ("vpt_deep", {}), ("idpt", {"skip_tokens": 0}), ("dapt", {}),
+    ("pointgst", {"skip_tokens": 0}), ("adapter", {}),
+])
+def test_prompt_and_bottleneck_methods_train_the_segmentation_model(method, options):
+    """No cls token here: methods that skip leading tokens take skip_tokens=0; prompts kept
+    after the last block are not patches and are left out of the propagated features."""
+    from pointclora.adapters import apply_adapter
+
+    model = small(PointMAEPartSeg)
+    apply_adapter(model, method, **options)
+    out = model.train()(cloud(), categories())
+    assert out.shape == (2, 96, 50)
+    out.sum().backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(model.get_parameter(n).grad is not None for n in trained)
+    assert any(n.startswith("convs3") for n in trained)
+    assert not model.encoder.first_conv[0].weight.requires_grad
+
+
 def test_frozen_encoder_bn_stats_stay_and_head_bn_trains():
     from pointclora.adapters import apply_adapter
 

@@ -186,10 +186,11 @@ class PartSegmentation(nn.Module):
         neighborhood, center = self.group(points)
         x = self.embed_patches(neighborhood)
         pos = self.pos_embed(center)
-        levels = []
+        levels, patches = [], pos.shape[1]
         for i, block in enumerate(self.blocks.blocks):
             x = block(x + pos)
-            levels += [x] * self.fetch_blocks.count(i)
+            # prompt methods may keep prompts after the last block's patch tokens: dropped
+            levels += [x[:, :patches]] * self.fetch_blocks.count(i)
         return center, torch.cat([self.norm(level) for level in levels], dim=-1)
 
     def forward_head(self, points: torch.Tensor, center: torch.Tensor, features: torch.Tensor,
