@@ -304,6 +304,33 @@ def test_ctrl_c_on_a_real_training_process(tmp_path):
     load_checkpoint(run / "checkpoints/last.pth")  # a complete checkpoint to resume from
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_together(tmp_path):
+    """Ctrl-C reaches the launcher and both ranks (one process group, as in a terminal): the
+    ranks stop at the same batch, none hangs, rank 0 alone prints the resume command."""
+    config = write_config(tmp_path / "tiny.yaml", train={"epochs": 500})
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tools/train.py"), "--config", str(config), "--out", str(run),
+         "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        hang_guard = time.monotonic() + 600
+        while not (run / "checkpoints/last.pth").is_file() and proc.poll() is None:
+            if time.monotonic() > hang_guard:
+                pytest.fail("the run wrote no checkpoint")
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)  # a rank left in a collective would hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert err.count("continue with:") == 1, out[-2000:] + err[-3000:]
+    command = err.split("continue with:")[1].split("\n")[1].split()
+    assert command[:3] == ["torchrun", "--nproc_per_node", "2"] and command[-1] == "--resume"
+    load_checkpoint(run / "checkpoints/last.pth")  # complete
+
+
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path,
                                                                            monkeypatch, capsys):
     config = write_config(tmp_path / "tiny.yaml")

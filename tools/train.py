@@ -79,7 +79,9 @@ def resume_command(argv: list[str], run_dir: Path, resumable: bool) -> str:
         args.append("--resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
-    return shlex.join([*launcher, os.path.relpath(__file__), *args])
+    tool = os.path.relpath(__file__)
+    tool = tool if not tool.startswith("..") else os.path.abspath(__file__)
+    return shlex.join([*launcher, tool, *args])
 
 
 def main(argv=None) -> int:

@@ -12,9 +12,10 @@ resumed from `checkpoints/last.pth` continues bit for bit: model, optimiser, sch
 grad scaler, every rank's RNG states, epoch, best metric and elapsed time are restored.
 
 SIGINT (Ctrl-C) and SIGTERM (what schedulers send) stop the run at once, except while an
-epoch whose training pass has finished is evaluated and saved: that completes first. `fit`
-then raises `TrainingInterrupted`; `tools/train.py` prints the resume command and exits
-with 128 + the signal number.
+epoch whose training pass has finished is evaluated and saved: that completes first. Under
+DDP every rank stops at the same batch (see `_Signals`). `fit` then raises
+`TrainingInterrupted`; `tools/train.py` prints the resume command and exits with 128 + the
+signal number.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -102,9 +104,13 @@ class _Stop(BaseException):
 
 
 class _Signals:
-    """SIGINT/SIGTERM raise `_Stop`; inside `deferred()` the first one waits for its end."""
+    """SIGINT/SIGTERM stop the run: at once in a single process, except inside `deferred()`,
+    whose end the first signal waits for. Under DDP a signal is only noted and every rank
+    stops together at the next `check()` (once per batch and after each save), so no rank
+    is left waiting in a collective for one that has gone. A second signal never waits."""
 
-    def __init__(self):
+    def __init__(self, info: DistInfo):
+        self.collective, self.device = info.distributed, info.device
         self.depth, self.pending, self.previous = 0, None, {}
 
     def __enter__(self):
@@ -118,10 +124,20 @@ class _Signals:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.depth and self.pending is None:
-            self.pending = signum  # a second signal does not wait
+        if self.pending is None and (self.depth or self.collective):
+            self.pending = signum
             return
         raise _Stop(signum)
+
+    def check(self) -> None:
+        """Raise `_Stop` if a signal is pending (on any rank, under DDP)."""
+        signum = self.pending or 0
+        if self.collective:
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            raise _Stop(signum)
 
     @contextlib.contextmanager
     def deferred(self):
@@ -130,8 +146,8 @@ class _Signals:
             yield
         finally:
             self.depth -= 1
-        if self.pending is not None and not self.depth:
-            raise _Stop(self.pending)
+        if not self.depth:
+            self.check()
 
 
 @dataclass
@@ -193,12 +209,12 @@ def fit(cfg: dict, run_dir: str | Path, info: DistInfo, resume: bool = False,
     """
     run_dir, run = Path(run_dir), None
     try:
-        with _Signals() as signals:
+        with _Signals(info) as signals:
             run = _setup(cfg, run_dir, info, resume, exist_ok, trust_pickle)
             _announce(run)
             for epoch in range(run.state.epoch, run.tcfg["epochs"]):
                 tic = time.time()
-                row = _train_epoch(run, epoch)
+                row = _train_epoch(run, epoch, signals.check)
                 with signals.deferred():  # a finished pass is always evaluated and saved
                     is_best = _evaluate(run, epoch, row)
                     row["epoch_time"] = time.time() - tic
@@ -328,8 +344,10 @@ def _announce(run: Run) -> None:
                     run.state.epoch)
 
 
-def _train_epoch(run: Run, epoch: int) -> dict:
-    """One pass over the training split; the epoch's log row (loss, train_acc) over all ranks."""
+def _train_epoch(run: Run, epoch: int, check_stop=lambda: None) -> dict:
+    """One pass over the training split; the epoch's log row (loss, train_acc) over all ranks.
+
+    `check_stop()` runs before each batch (it raises when the run must stop)."""
     info, task, tcfg = run.info, run.task, run.tcfg
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
@@ -339,6 +357,7 @@ def _train_epoch(run: Run, epoch: int) -> dict:
     totals = torch.zeros(4, dtype=torch.float64)  # loss * samples, samples, correct, counted
     desc = f"epoch {epoch}/{tcfg['epochs']}"
     for batch in tqdm(run.loader, desc=desc, leave=False, disable=not _progress(info)):
+        check_stop()
         inputs, target = task.prepare(batch, info.device, run.transforms["train"])
         output = forward(run.model, inputs, info.device, run.dtype)
         loss = task.loss(output, target) + regularization_loss(run.core)
