@@ -279,6 +279,15 @@ def test_ctrl_c_mid_epoch_exits_130_with_the_resume_command_and_no_traceback(tmp
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen) -> None:
+    """Until the training process has written its first last.pth (a guard against hangs)."""
+    hang_guard = time.monotonic() + 600
+    while not (run / "checkpoints/last.pth").is_file() and proc.poll() is None:
+        if time.monotonic() > hang_guard:
+            pytest.fail("the run wrote no checkpoint")
+        time.sleep(0.2)
+
+
 def test_ctrl_c_on_a_real_training_process(tmp_path):
     """What a user sees: SIGINT to `python tools/train.py` mid-run ends it with status 130,
     no traceback, and the resume command on stderr."""
@@ -289,11 +298,7 @@ def test_ctrl_c_on_a_real_training_process(tmp_path):
          str(run), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        hang_guard = time.monotonic() + 600
-        while not (run / "checkpoints/last.pth").is_file() and proc.poll() is None:
-            if time.monotonic() > hang_guard:
-                pytest.fail("the run wrote no checkpoint")
-            time.sleep(0.2)
+        _wait_for_checkpoint(run, proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -315,11 +320,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_together(tmp_path):
          "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=tmp_path, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        hang_guard = time.monotonic() + 600
-        while not (run / "checkpoints/last.pth").is_file() and proc.poll() is None:
-            if time.monotonic() > hang_guard:
-                pytest.fail("the run wrote no checkpoint")
-            time.sleep(0.2)
+        _wait_for_checkpoint(run, proc)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)  # a rank left in a collective would hang
     finally:
