@@ -44,7 +44,6 @@ WEIGHTS_HINT = (
     "google-research/vision_transformer release (gs://vit_models/imagenet21k/ViT-B_16.npz); "
     "timm .pth / .safetensors state dicts also load"
 )
-WEIGHT_SUFFIXES = (".npz", ".pth", ".pt", ".bin", ".safetensors")
 _POINT_PREFIXES = ("MAE_encoder.", "transformer_q.", "blocks.blocks.")
 
 
@@ -263,9 +262,3 @@ def load_vit_weights(model: nn.Module, path: str | Path, strict: bool = True,
 
 
 build_vit.load_weights = load_vit_weights  # build_model loads model.pretrained with it
-
-
-def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the model's weights expect: set by the loader, else timm's default."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", GOOGLE_MEAN)), tuple(cfg.get("std", GOOGLE_STD))
