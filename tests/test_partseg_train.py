@@ -36,6 +36,7 @@ def test_train_and_test_a_segmentation_run(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "part_segmentation" and metrics["best_metric"] == "ins_miou"
     assert 0 <= metrics["best_ins_miou"] <= 100 and 0 <= metrics["best_cls_miou"] <= 100
+    assert (run / "per_category.png").stat().st_size > 0
     per_category = metrics["per_category_miou"]
     assert sorted(per_category) == ["Airplane", "Bag", "Cap", "Car"]
     assert all(v["shapes"] == 1 for v in per_category.values())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,23 @@ class PartSegmentationTask(Task):
     def summary(self, metrics):
         return (f"ins_miou {metrics['ins_miou']:.2f} cls_miou {metrics['cls_miou']:.2f} "
                 f"acc {metrics['acc']:.2f}")
+
+    def figures(self, metrics, class_names, run_dir, title):
+        """``per_category.png``: the mIoU of every category with test shapes."""
+        from .plots import _pyplot
+
+        scores = {k: v for k, v in metrics["per_category_miou"].items() if v is not None}
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(scores) + 1.5), 3.8))
+        bars = ax.bar(list(scores), list(scores.values()), color="#4c72b0")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.axhline(metrics["cls_miou"], color="k", lw=0.8, ls="--", label="class mIoU")
+        ax.set(ylim=(0, 105), ylabel="mIoU (%)", title=title)
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(Path(run_dir) / "per_category.png", dpi=110)
+        plt.close(fig)
 
     @staticmethod
     def _parts(num_parts: int = 50) -> dict[str, Sequence[int]]:
