@@ -113,6 +113,10 @@ def test_image_folder(tmp_path):
     assert ds[4][0].shape == (3, 8, 8)
     with pytest.raises(DataError, match="image folder not found"):
         build_dataset({"name": "image_folder", "root": str(tmp_path / "no")}, "train")
+    flat = {"name": "image_folder", "root": str(tmp_path / "test"), "img_size": 8}
+    with pytest.raises(DataError, match="(?s)train split folder not found.*<root>/train"):
+        build_dataset(flat, "train")  # never the same images for training and testing
+    assert len(build_dataset({**flat, "train_split": "."}, "train")) == 6
 
 
 def test_synthetic_images_are_seeded_and_split():

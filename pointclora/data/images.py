@@ -199,21 +199,24 @@ class ImageTensors(LabelledImages):
 
 
 FOLDER_LAYOUT = """\
-<root>/                       data.root
-  <class name>/<image>.jpg    one folder per class (sorted names = labels 0..C-1)
-or, with splits:
-  <root>/train/<class name>/..., <root>/test/<class name>/...
+<root>/train/<class name>/<image>.jpg   data.root; one folder per class (sorted names =
+<root>/test/<class name>/...            labels 0..C-1) in each split folder; other split
+                                        folders: data.train_split / data.test_split
 """
 
 
 def build_image_folder(cfg: dict, split: str) -> ImageFiles:
-    """``data.name: image_folder``: torchvision's class-folder layout, optionally per split."""
+    """``data.name: image_folder``: torchvision's class-folder layout in one folder per split
+    (``train_split`` / ``test_split``, ``train`` / ``test`` by default; ``.`` is the root
+    itself, which then serves both splits only if both say so)."""
     root = Path(cfg.get("root") or "").expanduser()
     if not cfg.get("root") or not root.is_dir():
         raise missing_root("image folder", root, FOLDER_LAYOUT, "Any images sorted into one "
                            "folder per class work (the torchvision ImageFolder layout).")
-    base = root / cfg.get(f"{split}_split", split)
-    base = base if base.is_dir() else root
+    base = root / split_name(cfg, split)
+    if not base.is_dir():
+        raise missing_root(f"{split} split folder", base, FOLDER_LAYOUT, "Any images sorted "
+                           "into one folder per class work (the torchvision ImageFolder layout).")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise missing_root("class folders", base, FOLDER_LAYOUT, "")
