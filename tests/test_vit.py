@@ -332,3 +332,16 @@ def test_visualize_tool_on_an_image_checkpoint(tmp_path):
     raw = image_array(dataset.load(0))
     assert (letterbox(raw, 64) == raw.repeat(2, 0).repeat(2, 1)).all()
     assert tool.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "p"), "--patches"]) == 2
+
+
+def test_runs_warn_when_inputs_are_not_normalised_as_the_npz_weights_expect():
+    from pointclora.config import load_config
+    from pointclora.engine.build import run_warnings
+
+    cifar = Path(__file__).resolve().parents[1] / "configs" / "vtab" / "cifar.yaml"
+    assert run_warnings(load_config(cifar)) == []  # the shipped recipe normalises with 0.5
+    imagenet = load_config(cifar, ["data.mean=[0.485, 0.456, 0.406]"])
+    (warning,) = run_warnings(imagenet)
+    assert "mean = std = 0.5" in warning and "ViT-B_16.npz" in warning
+    assert run_warnings(load_config(cifar, ["data.mean=[0.485, 0.456, 0.406]",
+                                            "model.pretrained=vit.safetensors"])) == []

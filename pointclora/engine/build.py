@@ -16,6 +16,7 @@ from torch import nn
 from pointclora.adapters import apply_adapter
 from pointclora.data import build_dataset
 from pointclora.models import build_model
+from pointclora.models.vit import normalization_warning
 
 from .tasks import build_task
 
@@ -72,12 +73,14 @@ def absolute_paths(cfg: dict) -> dict:
 def run_warnings(cfg: dict) -> list[str]:
     """What a user must know before reading this run's numbers."""
     method = cfg["adapter"]["method"]
+    found = [normalization_warning(cfg)]  # image weights fed inputs they were not trained on
     if method != "full" and not cfg["model"].get("pretrained"):
-        return [f"model.pretrained is null: adapter.method={method} trains on a FROZEN, "
-                "RANDOMLY INITIALISED backbone. Expect accuracy far below published numbers "
-                "(near chance on real data: 3.45% on ModelNet40); set model.pretrained to the "
-                "official pre-training file, or use adapter.method=full"]
-    return []
+        found.append(f"model.pretrained is null: adapter.method={method} trains on a FROZEN, "
+                     "RANDOMLY INITIALISED backbone. Expect accuracy far below published "
+                     "numbers (near chance on real data: 3.45% on ModelNet40); set "
+                     "model.pretrained to the official pre-training file, or use "
+                     "adapter.method=full")
+    return [w for w in found if w]
 
 
 def build_backbone(cfg: dict, trust_pickle: bool = False) -> nn.Module:

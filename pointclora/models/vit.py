@@ -262,3 +262,17 @@ def load_vit_weights(model: nn.Module, path: str | Path, strict: bool = True,
 
 
 build_vit.load_weights = load_vit_weights  # build_model loads model.pretrained with it
+
+
+def normalization_warning(cfg: dict) -> str | None:
+    """What to tell a run that feeds Google's npz weights inputs normalised otherwise than
+    they were trained on (mean = std = 0.5); None when nothing is wrong."""
+    model, data = cfg["model"], cfg.get("data") or {}
+    if model.get("name") != "timm_vit" or not str(model.get("pretrained") or "").endswith(".npz"):
+        return None
+    mean, std = data.get("mean", GOOGLE_MEAN), data.get("std", GOOGLE_STD)
+    if tuple(mean) == GOOGLE_MEAN and tuple(std) == GOOGLE_STD:
+        return None
+    return (f"data.mean {list(mean)}, data.std {list(std)}: Google's original weights "
+            f"({model['pretrained']}) expect inputs normalised with mean = std = 0.5; set "
+            "data.mean and data.std to [0.5, 0.5, 0.5]")
