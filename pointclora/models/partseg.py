@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pointclora.ops import knn
+from pointclora.ops import gather_points, knn
 
 from .backbones import (
     _COUNTS,
@@ -84,6 +84,19 @@ class FeaturePropagation(nn.Module):
                             per_sample_weights=weight.view(B * N, 3).to(projected.dtype),
                             mode="sum").view(B, N, -1)
         x = x + F.linear(points.to(x.dtype), first[:, :3], self.mlp_convs[0].bias)
+        return self._mlp(x)
+
+    def official_forward(self, points: torch.Tensor, center: torch.Tensor,
+                         features: torch.Tensor) -> torch.Tensor:
+        """The official formulation: interpolate, concatenate ``[xyz, features]``, convolve
+        every point. The same function; FLOP counters count this graph (tools/flops.py)."""
+        idx, weight = self.weights(points, center)
+        interpolated = (gather_points(features, idx) * weight.unsqueeze(-1)).sum(2)
+        x = torch.cat((points.to(interpolated.dtype), interpolated), dim=-1)
+        return self._mlp(_pointwise(self.mlp_convs[0], x))
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """From the first conv's output on: BN-ReLU, then the other conv-BN-ReLU layers."""
         x = _batch_norm_relu(self.mlp_bns[0], x)
         for conv, bn in zip(self.mlp_convs[1:], self.mlp_bns[1:], strict=True):
             x = _batch_norm_relu(bn, _pointwise(conv, x))
@@ -194,20 +207,25 @@ class PartSegmentation(nn.Module):
         return center, torch.cat([self.norm(level) for level in levels], dim=-1)
 
     def forward_head(self, points: torch.Tensor, center: torch.Tensor, features: torch.Tensor,
-                     one_hot: torch.Tensor) -> torch.Tensor:
+                     one_hot: torch.Tensor, official: bool = False) -> torch.Tensor:
         """Per-point log-probabilities ``(B, N, num_parts)``.
 
         The official ``convs1`` sees ``[propagated (1024), max, mean, label]`` at every point;
         the last three are the same for all points of a shape, so their share of the product
         is computed once per shape and broadcast (same function, a third of the work).
+        ``official=True`` concatenates as the official code does (what FLOP counters count).
         """
         label = self.label_conv(one_hot.unsqueeze(-1)).squeeze(-1)  # (B, 64)
         shape_feature = torch.cat((features.amax(1), features.mean(1), label), dim=-1)
         x = self.propagation_0(points, center, features)  # (B, N, 1024)
-        w = self.convs1.weight.squeeze(-1)
-        local = x.shape[-1]
-        x = F.linear(x, w[:, :local]) + F.linear(shape_feature, w[:, local:],
-                                                 self.convs1.bias).unsqueeze(1)
+        if official:
+            shape_feature = shape_feature.unsqueeze(1).expand(-1, x.shape[1], -1)
+            x = _pointwise(self.convs1, torch.cat((x, shape_feature), dim=-1))
+        else:
+            w = self.convs1.weight.squeeze(-1)
+            local = x.shape[-1]
+            x = F.linear(x, w[:, :local]) + F.linear(shape_feature, w[:, local:],
+                                                     self.convs1.bias).unsqueeze(1)
         x = self.dp1(_batch_norm_relu(self.bns1, x))
         x = _batch_norm_relu(self.bns2, _pointwise(self.convs2, x))
         return F.log_softmax(_pointwise(self.convs3, x), dim=-1)
@@ -219,9 +237,18 @@ class PartSegmentation(nn.Module):
     def forward(self, points: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
         """``points (B, N, 3)``, ``category`` ids ``(B,)`` or one-hot ``(B, num_categories)``
         -> log-probabilities ``(B, N, num_parts)``."""
+        return self._forward(points, category, official=False)
+
+    def official_forward(self, points: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the head computed as the official graph (see ``forward_head``):
+        the same function; FLOP counters count this graph (tools/flops.py)."""
+        return self._forward(points, category, official=True)
+
+    def _forward(self, points: torch.Tensor, category: torch.Tensor,
+                 official: bool) -> torch.Tensor:
         one_hot = self.one_hot(category, points.shape[0]).to(points.dtype)
         center, features = self.forward_features(points)
-        return self.forward_head(points, center, features, one_hot)
+        return self.forward_head(points, center, features, one_hot, official)
 
 
 def _spec(backbone: type[PointTransformer], marks: tuple[str, ...]) -> CheckpointSpec:
