@@ -21,7 +21,7 @@ from pointclora.adapters import parameter_report
 from pointclora.config import load_config
 from pointclora.data import protocol_description
 from pointclora.data.synthetic import generate
-from pointclora.engine import load_checkpoint, restore_model
+from pointclora.engine import load_checkpoint, restore_model, save_checkpoint
 from pointclora.engine import trainer as trainer_module
 from pointclora.engine.tasks import TASKS, ClassificationTask, build_task, register_task
 
@@ -344,6 +344,32 @@ def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_
     assert "--resume" not in command
     monkeypatch.undo()
     assert train_tool.main(command[2:]) == 0  # the printed command starts the run again
+
+
+def test_a_run_saved_before_tasks_and_derived_settings_resumes(trained, tmp_path):
+    """Checkpoints of earlier versions: cls_dim written into the model section, no
+    `derived`, best metrics without mean class accuracy."""
+    import shutil
+
+    config, run = trained
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    (old / ".lock").unlink(missing_ok=True)
+    ckpt = load_checkpoint(old / "checkpoints/last.pth")
+    cfg = {k: v for k, v in ckpt["config"].items() if k != "derived"}
+    cfg["model"] = {**cfg["model"], "cls_dim": 4}
+    best = {k: ckpt["best_metrics"][k] for k in ("acc", "epoch", "confusion")}
+    best["acc"] = 100.0  # stays the best: the details come from this old-format record
+    old_ckpt = {k: v for k, v in ckpt.items() if k not in ("task", "format_version")}
+    save_checkpoint({**old_ckpt, "config": cfg, "best_metrics": best,
+                     "metrics": {"acc": ckpt["metrics"]["acc"], "epoch": 2}},
+                    old / "checkpoints/last.pth")
+    assert train_tool.main(["--config", str(config), "--out", str(old), "--resume",
+                            "--set", "train.epochs=4"]) == 0
+    metrics = json.loads((old / "metrics.json").read_text())
+    assert metrics["final_epoch"] == 3 and metrics["derived"] == {"model": {"cls_dim": 4}}
+    assert metrics["best_epoch"] == best["epoch"] and metrics["best_macc"] is None
+    assert sum(r["samples"] for r in metrics["per_class_acc"].values()) == 48
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):

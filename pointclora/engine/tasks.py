@@ -167,13 +167,17 @@ class ClassificationTask(Task):
                 "confusion": torch.from_numpy(matrix)}
 
     def details(self, metrics, class_names):
-        n = len(metrics["per_class_acc"])
-        names = list(class_names) if len(class_names) == n else [f"class_{i}" for i in range(n)]
-        support = metrics["confusion"].sum(1).tolist()
-        return {"per_class_acc": {name: {"acc": acc, "samples": n} for name, acc, n in
-                                  zip(names, metrics["per_class_acc"], support, strict=True)},
+        """Per-class accuracy and sample count, and the confusion counts (from the matrix
+        alone, so checkpoints written before `per_class_acc` existed give them too)."""
+        matrix = np.asarray(metrics["confusion"])
+        size = len(matrix)
+        names = (list(class_names) if len(class_names) == size
+                 else [f"class_{i}" for i in range(size)])
+        per_class = class_accuracies(matrix)[2]
+        return {"per_class_acc": {name: {"acc": acc, "samples": int(count)} for name, acc, count
+                                  in zip(names, per_class, matrix.sum(1), strict=True)},
                 "confusion": {"rows": "true class", "columns": "predicted class",
-                              "classes": names, "counts": metrics["confusion"].tolist()}}
+                              "classes": names, "counts": matrix.tolist()}}
 
     def summary(self, metrics):
         text = f"accuracy {metrics['acc']:.2f}%"
