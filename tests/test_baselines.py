@@ -25,6 +25,7 @@ from pointclora.adapters import (
 )
 from pointclora.analysis import module_macs, official_graph, sample_points
 from pointclora.models import PointMAE
+from pointclora.models.partseg import PointMAEPartSeg
 
 D = 48
 TINY = dict(cls_dim=4, depth=2, num_group=16, group_size=8, trans_dim=D, encoder_dims=D,
@@ -432,6 +433,24 @@ def test_timm_vit_takes_every_case(case, vit):
     nudge(vit)
     F.cross_entropy(vit.train()(images), torch.tensor([1, 2])).backward()
     assert all(p.grad is not None for p in vit.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_part_segmentation_takes_every_case(case):
+    """No cls token there: PointGST finds the patches from the centres, IDPT is told."""
+    method, options, _ = CASES[case]
+    torch.manual_seed(0)
+    model = PointMAEPartSeg(num_group=16, group_size=8, depth=2, trans_dim=D, encoder_dims=D,
+                            num_heads=2).eval()
+    points, category = torch.rand(2, 64, 3), torch.tensor([0, 1])
+    reference = model(points, category)
+    apply_adapter(model, method, **options, **({"skip_tokens": 0} if method == "idpt" else {}))
+    out = model(points, category)
+    assert out.shape == reference.shape
+    assert torch.equal(out, reference) is (case in IDENTITY_AT_INIT)
+    nudge(model)
+    model.train()(points, category).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 # --- the published Point-MAE numbers (PointGST's table, ScanObjectNN setting) -------------

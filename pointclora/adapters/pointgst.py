@@ -115,11 +115,11 @@ class PointGSTBlock(NotMergeable):
     why = "the spectral adapter depends on each input's geometry and is nonlinear"
 
     def __init__(self, base_layer: nn.Module, spectra: Spectra, rank: int, scale: float,
-                 skip_tokens: int, basis: str):
+                 basis: str):
         super().__init__()
         self.base_layer = base_layer
         d = output_width(base_layer)
-        self.scale, self.skip_tokens, self.released = scale, skip_tokens, basis == "released"
+        self.scale, self.released = scale, basis == "released"
         object.__setattr__(self, "spectra", spectra)
         self.pgst_down = nn.Linear(d, rank)
         self.pgst_up = nn.Linear(rank, d)
@@ -133,15 +133,16 @@ class PointGSTBlock(NotMergeable):
             nn.init.zeros_(layer.bias)
 
     def adapter(self, x: torch.Tensor) -> torch.Tensor:
-        s, skip = self.spectra, self.skip_tokens
+        s = self.spectra
         if s.basis is None:
             raise RuntimeError("pointgst: no patch centres seen in this forward pass; the "
                                "centres module must run before the blocks")
         z = self.pgst_down(x)
-        B, G, r = z.shape[0], z.shape[1] - skip, z.shape[2]
-        if G != s.basis.shape[-1]:
-            raise ValueError(f"pointgst: the block sees {G} patch tokens after skip_tokens="
-                             f"{skip}, the centres give {s.basis.shape[-1]} patches")
+        (B, N, r), G = z.shape, s.basis.shape[-1]
+        skip = N - G  # the patch tokens are the last G (a cls token, if any, comes first)
+        if skip < 0:
+            raise ValueError(f"pointgst: the block sees {N} tokens, fewer than the {G} patches "
+                             "whose centres the model embedded")
         patches = z[:, skip:]
         spectral = _spectral(patches, s.basis, self.pgst_norm_global, self.pgst_mix,
                              self.released)
@@ -167,9 +168,6 @@ class PointGSTOptions(BlockOptions):
     local: int = option(32, POSITIVE_INT,
                         "patches per local group (divides num_group; fewer patches: one group)")
     scale: float = option(1.0, POSITIVE, "s, multiplies the adapter's output")
-    skip_tokens: int = option(1, Check(lambda v: isinstance(v, int) and not isinstance(v, bool)
-                                       and v >= 0, "an int >= 0"),
-                              "leading tokens that are not patches (the cls token)")
     basis: str = option("gft", choice(*BASES),
                         "gft: U^T then U (the paper); released: U then U^T (the public code)")
 
@@ -202,4 +200,4 @@ class PointGST(BlockMethod):
         o = self.options
         if _matches(name, [o.centres]):
             return CentresTap(module, self.spectra)
-        return PointGSTBlock(module, self.spectra, o.rank, o.scale, o.skip_tokens, o.basis)
+        return PointGSTBlock(module, self.spectra, o.rank, o.scale, o.basis)
