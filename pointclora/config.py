@@ -299,6 +299,15 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     return validate(cfg, source=str(path))
 
 
+def checkpoint_config(ckpt: Mapping, source: str, overrides: Iterable[str] = (),
+                      config: str | Path | None = None) -> dict:
+    """The config a tool runs a checkpoint with: the ``config`` file when given, else the one
+    stored in ``ckpt`` (read from ``source``), with ``overrides`` (``--set``) applied."""
+    if config:
+        return load_config(config, overrides)
+    return validate(apply_overrides(ckpt["config"], overrides), str(source))
+
+
 def dump_config(cfg: Mapping, path: str | Path, changes: Iterable[Mapping] = ()) -> None:
     """Write a resolved config that `load_config` reads back to the same dict.
 

@@ -1,5 +1,6 @@
 """Shared fixtures: reference facts kept in tests/fixtures, the real-data folder beside the
-repository; `load_tool` for the scripts in tools/."""
+repository; `load_tool` for the scripts in tools/; the tiny run config the tool tests start
+from (`TINY_RUN`, `merged`)."""
 import importlib.util
 from pathlib import Path
 
@@ -10,6 +11,22 @@ import pointclora  # noqa: F401  (first: the OpenMP wait policy is set before to
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# A depth-1 Point-MAE with CLoRA on 4 synthetic classes: a whole run takes seconds on a CPU.
+TINY_RUN = {
+    "model": {"name": "point_mae", "num_group": 8, "group_size": 8, "trans_dim": 32, "depth": 1,
+              "num_heads": 2, "encoder_dims": 32, "drop_path_rate": 0.0, "pretrained": None},
+    "adapter": {"method": "clora"},
+    "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 12, "npoints": 64},
+    "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "num_workers": 0},
+}
+
+
+def merged(base: dict, **sections) -> dict:
+    """A copy of the run config ``base`` with each of ``sections`` merged into that section."""
+    cfg = {k: dict(v) for k, v in base.items()}
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
 
 
 @pytest.fixture

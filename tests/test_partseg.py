@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import conv1d_encoder, explicit_attention, randomise
+from official_forward import conv1d_encoder, official_block, randomise
 from torch import nn
 
 from pointclora.models.partseg import FeaturePropagation, PointBERTPartSeg, PointMAEPartSeg
@@ -94,12 +94,7 @@ def reference_forward(model, points, one_hot):
     pos = F.gelu(center @ pe[0].weight.T + pe[0].bias) @ pe[2].weight.T + pe[2].bias
     feature_list = []
     for i, blk in enumerate(model.blocks.blocks):
-        x = x + pos
-        x = x + explicit_attention(
-            blk.attn, F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, eps=1e-5))
-        h = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, eps=1e-5)
-        x = x + F.gelu(h @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias) @ blk.mlp.fc2.weight.T \
-            + blk.mlp.fc2.bias
+        x = official_block(blk, x + pos)
         if i in model.fetch_blocks:
             feature_list.append(x)
     feature_list = [F.layer_norm(f, (C,), model.norm.weight, model.norm.bias, eps=1e-5)
@@ -333,10 +328,10 @@ def test_every_adapter_method_applies_and_merges_to_official_keys(method):
 
 @pytest.mark.parametrize("method, options", [
     ("vpt_deep", {}), ("idpt", {"skip_tokens": 0}), ("dapt", {}),
-    ("pointgst", {"skip_tokens": 0}), ("adapter", {}),
+    ("pointgst", {}), ("adapter", {}),
 ])
 def test_prompt_and_bottleneck_methods_train_the_segmentation_model(method, options):
-    """No cls token here: methods that skip leading tokens take skip_tokens=0; prompts kept
+    """No cls token here: IDPT takes skip_tokens=0 (PointGST finds the patches itself); prompts kept
     after the last block are not patches and are left out of the propagated features."""
     from pointclora.adapters import apply_adapter
 

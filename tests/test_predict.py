@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TINY_RUN, merged
 
 from pointclora.data import SYNTHETIC_CLASSES, DataError, build_batch_transform, build_dataset
 from pointclora.data.files import read_points
 from pointclora.engine import load_checkpoint, restore_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {"name": "point_mae", "num_group": 8, "group_size": 8, "trans_dim": 32, "depth": 1,
-              "num_heads": 2, "encoder_dims": 32, "drop_path_rate": 0.0, "pretrained": None},
-    "adapter": {"method": "clora"},
-    "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 4, "npoints": 64},
-    "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "num_workers": 0},
-}
+TINY = merged(TINY_RUN, data={"samples_per_class": 4})
 
 
 def _write_ply(path, xyz, fmt):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import load_tool
+from conftest import TINY_RUN, load_tool, merged
 
 from pointclora.data.common import DataError, check_points
 from pointclora.data.modelnet40 import ModelNet40Files
@@ -22,23 +22,14 @@ from pointclora.engine import trainer as trainer_module
 from pointclora.engine.rundir import LOCK_NAME, RunLockedError, prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {"name": "point_mae", "num_group": 8, "group_size": 8, "trans_dim": 32, "depth": 1,
-              "num_heads": 2, "encoder_dims": 32, "drop_path_rate": 0.0, "pretrained": None},
-    "adapter": {"method": "clora"},
-    "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 12, "npoints": 64},
-    "train": {"epochs": 2, "batch_size": 8, "lr": 5.0e-3, "warmup_epochs": 0, "num_workers": 0},
-}
+TINY = merged(TINY_RUN, train={"epochs": 2, "lr": 5.0e-3})
 
 
 train_tool, test_tool, flops_tool = (load_tool(n) for n in ("train", "test", "flops"))
 
 
 def write_config(path: Path, **sections) -> Path:
-    cfg = {k: dict(v) for k, v in TINY.items()}
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value}
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(merged(TINY, **sections)))
     return path
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import load_tool
+from conftest import TINY_RUN, load_tool, merged
 
 from pointclora.adapters import parameter_report
 from pointclora.config import load_config
@@ -26,14 +26,8 @@ from pointclora.engine import trainer as trainer_module
 from pointclora.engine.tasks import TASKS, ClassificationTask, build_task, register_task
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "model": {"name": "point_mae", "num_group": 8, "group_size": 8, "trans_dim": 32, "depth": 1,
-              "num_heads": 2, "encoder_dims": 32, "drop_path_rate": 0.1, "pretrained": None},
-    "adapter": {"method": "clora"},
-    "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 12, "npoints": 64,
-             "protocol": "A"},
-    "train": {"epochs": 3, "batch_size": 8, "lr": 5.0e-3, "warmup_epochs": 1, "num_workers": 0},
-}
+TINY = merged(TINY_RUN, model={"drop_path_rate": 0.1}, data={"protocol": "A"},
+              train={"epochs": 3, "lr": 5.0e-3, "warmup_epochs": 1})
 
 
 train_tool, test_tool = load_tool("train"), load_tool("test")
@@ -41,9 +35,7 @@ train_tool, test_tool = load_tool("train"), load_tool("test")
 
 def write_config(path: Path, data: dict | None = None, **sections) -> Path:
     """TINY with `sections` merged in and, when given, `data` in place of its data section."""
-    cfg = {k: dict(v) for k, v in TINY.items()}
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value}
+    cfg = merged(TINY, **sections)
     if data is not None:
         cfg["data"] = data
     path.write_text(yaml.safe_dump(cfg))

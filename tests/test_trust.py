@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load_tool
+from conftest import TINY_RUN, load_tool, merged
 
 from pointclora.adapters import load_adapter
 from pointclora.config import load_config
@@ -28,12 +28,7 @@ from pointclora.models.checkpoint import UnsafeCheckpointError
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"name": "point_mae", "num_group": 8, "group_size": 8, "trans_dim": 32, "depth": 1,
               "num_heads": 2, "encoder_dims": 32, "drop_path_rate": 0.0, "cls_dim": 4}
-TINY = {
-    "model": {**TINY_MODEL, "pretrained": None, "cls_dim": None},
-    "adapter": {"method": "clora"},
-    "data": {"name": "synthetic", "num_classes": 4, "samples_per_class": 12, "npoints": 64},
-    "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "num_workers": 0},
-}
+TINY = merged(TINY_RUN, model={"cls_dim": None})
 
 
 class Payload:

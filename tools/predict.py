@@ -18,8 +18,7 @@ from pointclora.config import (
     TRUST_PICKLE_WARNING,
     add_override_argument,
     add_trust_pickle_argument,
-    apply_overrides,
-    validate,
+    checkpoint_config,
 )
 from pointclora.data.files import read_points
 from pointclora.engine import cleanup, init_distributed, load_checkpoint, restore_model
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
         if args.trust_pickle:
             print(TRUST_PICKLE_WARNING, file=sys.stderr)
         ckpt = load_checkpoint(args.ckpt)
-        cfg = validate(apply_overrides(ckpt["config"], args.overrides), args.ckpt)
+        cfg = checkpoint_config(ckpt, args.ckpt, args.overrides)
         normalize = {"auto": None, "unit_sphere": True, "none": False}[args.normalize]
         clouds = [prepare_cloud(read_points(f), cfg["data"], f, normalize) for f in args.files]
         info = init_distributed(args.device)

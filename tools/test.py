@@ -20,9 +20,7 @@ from pointclora.config import (
     TRUST_PICKLE_WARNING,
     add_override_argument,
     add_trust_pickle_argument,
-    apply_overrides,
-    load_config,
-    validate,
+    checkpoint_config,
 )
 from pointclora.engine import cleanup, init_distributed, load_checkpoint
 from pointclora.engine.evaluate import evaluate_checkpoint
@@ -103,10 +101,7 @@ def main(argv=None) -> int:
         if args.trust_pickle:
             print(TRUST_PICKLE_WARNING, file=sys.stderr)
         ckpt = load_checkpoint(args.ckpt)
-        if args.config:
-            cfg = load_config(args.config, args.overrides)
-        else:
-            cfg = validate(apply_overrides(ckpt["config"], args.overrides), args.ckpt)
+        cfg = checkpoint_config(ckpt, args.ckpt, args.overrides, args.config)
         info = init_distributed(args.device)
         try:
             result = evaluate_checkpoint(cfg, ckpt, info, views=args.vote,

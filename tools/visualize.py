@@ -26,9 +26,7 @@ from pointclora.config import (
     TRUST_PICKLE_WARNING,
     add_override_argument,
     add_trust_pickle_argument,
-    apply_overrides,
-    load_config,
-    validate,
+    checkpoint_config,
 )
 from pointclora.data.shapenetpart import SHAPENETPART_PARTS
 from pointclora.engine import cleanup, init_distributed, load_checkpoint, predict, restore_model
@@ -129,10 +127,7 @@ def main(argv=None) -> int:
         if args.trust_pickle:
             print(TRUST_PICKLE_WARNING, file=sys.stderr)
         ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
-        if args.config:
-            cfg = load_config(args.config, args.overrides)
-        else:
-            cfg = validate(apply_overrides(ckpt["config"], args.overrides), args.ckpt)
+        cfg = checkpoint_config(ckpt, args.ckpt, args.overrides, args.config)
         _check_out(args.out, args.overwrite)
         dataset = build_datasets(cfg, (args.split,))[args.split]
         cfg = resolve_config(cfg, {args.split: dataset})
