@@ -48,7 +48,8 @@ from pointclora.engine.optim import build_optimizer
 from pointclora.models import PointMAE
 
 PEFT = ("lora", "clora", "serial_lora", "aoft")
-METHODS = ("full", "linear", *PEFT)
+BASELINES = ("adapter", "vpt_deep", "idpt", "dapt", "pointgst")  # the comparison methods
+METHODS = ("full", "linear", *PEFT, *BASELINES)
 REFERENCE = "reference"  # the official code, full fine-tuning
 PATHS = (" (dense)", " (factored)")  # suffixes of the ablation contenders
 TRAIN = {"lr": 5e-4, "weight_decay": 0.05}
