@@ -25,10 +25,11 @@ from common import (
     PeakMemory,
     add_common_args,
     command_line,
+    contender_args,
     interleaved_min,
     machine_description,
     markdown_table,
-    measure_in_child,
+    measure_contenders,
     report,
     setup,
 )
@@ -68,10 +69,7 @@ def build(contender: str, state: dict, cfg: dict, device: torch.device) -> torch
 def make_step(model: torch.nn.Module, points, category, parts):
     optimizer = build_optimizer(model, TRAIN)
     params = [p for p in model.parameters() if p.requires_grad]
-    if isinstance(model, ReferencePartSeg):  # official inputs: (B, 3, N), one-hot (B, 1, 16)
-        inputs = (points.transpose(1, 2), F.one_hot(category, 16).float().unsqueeze(1))
-    else:
-        inputs = (points, category)
+    inputs = model_inputs(model, points, category)
 
     def step() -> None:
         out = model(*inputs)
@@ -87,9 +85,7 @@ def make_step(model: torch.nn.Module, points, category, parts):
 
 def child(argv: list[str]) -> None:
     """Peak memory of two training steps of one contender, as one JSON line."""
-    contender, batch, device, threads, quick = json.loads(argv[0])
-    torch.set_num_threads(threads)
-    device = torch.device(device)
+    contender, batch, device, quick = contender_args(argv)
     cfg = model_config(quick)
     data = part_batch(batch, 256 if quick else 2048, device)
     with PeakMemory(device) as mem:
@@ -117,7 +113,8 @@ def main() -> None:
     models = {name: build(name, state, cfg, device) for name in names}
     with torch.no_grad():  # the baseline is the same function (also tests/test_partseg.py)
         ours, ref = models["full"].eval(), models[REFERENCE].eval()
-        diff = (make_inputs_out(ours, data) - make_inputs_out(ref, data)).abs().max().item()
+        inputs = model_inputs(ours, *data[:2]), model_inputs(ref, *data[:2])
+        diff = (ours(*inputs[0]) - ref(*inputs[1])).abs().max().item()
         ours.train(), ref.train()
     steps = {name: make_step(m, *data) for name, m in models.items()}
     trainable = {name: parameter_report(m)["trainable"] for name, m in models.items()}
@@ -125,21 +122,15 @@ def main() -> None:
           f"log-prob difference in eval: {diff:.2e}")
     times = interleaved_min(steps, args.repeats, device)
     del steps, models
-    memory = {}
-    if not args.no_memory:
-        for name in names:
-            payload = json.dumps([name, args.batch, str(device), torch.get_num_threads(),
-                                  args.quick])
-            memory[name] = measure_in_child(Path(__file__), [payload])
-            print(f"  peak memory {name}: {memory[name]['peak'] / 2**20:.0f} MiB")
+    memory = {} if args.no_memory else measure_contenders(Path(__file__), names, args, device)
     report("partseg_step", render(args, device, names, times, memory, trainable, diff), args)
 
 
-def make_inputs_out(model, data):
-    points, category, _ = data
+def model_inputs(model, points, category) -> tuple:
+    """What ``model`` takes; the official code: (B, 3, N) points and a (B, 1, 16) one-hot."""
     if isinstance(model, ReferencePartSeg):
-        return model(points.transpose(1, 2), F.one_hot(category, 16).float().unsqueeze(1))
-    return model(points, category)
+        return points.transpose(1, 2), F.one_hot(category, 16).float().unsqueeze(1)
+    return points, category
 
 
 def render(args, device, names, times, memory, trainable, diff) -> str:

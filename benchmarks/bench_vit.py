@@ -29,10 +29,11 @@ from common import (
     PeakMemory,
     add_common_args,
     command_line,
+    contender_args,
     interleaved_min,
     machine_description,
     markdown_table,
-    measure_in_child,
+    measure_contenders,
     report,
     setup,
     sync,
@@ -105,9 +106,7 @@ def merge_check(name: str, model: torch.nn.Module, state: dict, quick: bool,
 
 def child(argv: list[str]) -> None:
     """Peak memory of two training steps of one contender, as one JSON line."""
-    contender, n, device, threads, quick = json.loads(argv[0])
-    torch.set_num_threads(threads)
-    device = torch.device(device)
+    contender, n, device, quick = contender_args(argv)
     images, labels = batch(n, quick, device)
     torch.manual_seed(0)
     state = build_vit(cls_dim=CLASSES, **vit_options(quick)).state_dict()
@@ -145,13 +144,9 @@ def main() -> None:
     sync(device)
     diffs = {name: merge_check(name, models[name], state, args.quick, images[:2])
              for name in names if name != "peft lora"}
-    memory = {}
-    if not args.no_memory:
-        for name in names:
-            spec = json.dumps([name, args.batch, str(device), torch.get_num_threads(),
-                               args.quick])
-            memory[name] = measure_in_child(Path(__file__), [spec])["peak"]
-            print(f"  peak memory {name}: {memory[name] / 2**20:.0f} MiB")
+    memory = {} if args.no_memory else {
+        name: result["peak"]
+        for name, result in measure_contenders(Path(__file__), names, args, device).items()}
     rows = []
     for name in names:
         row = [name, f"{trainable[name]:,}", f"{times[name] * 1e3:.0f}",

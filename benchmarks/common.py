@@ -220,6 +220,26 @@ def measure_in_child(script: Path, args: Sequence[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def contender_args(argv: list[str]) -> tuple[str, int, torch.device, bool]:
+    """In a child process: the contender, batch size, device and ``--quick`` flag that
+    :func:`measure_contenders` sent; applies the parent's thread count."""
+    contender, batch, device, threads, quick = json.loads(argv[0])
+    torch.set_num_threads(threads)
+    return contender, batch, torch.device(device), quick
+
+
+def measure_contenders(script: Path, names: Sequence[str], args: argparse.Namespace,
+                       device: torch.device) -> dict[str, dict]:
+    """The JSON result of ``script``'s child for each contender, its peak printed as it comes;
+    the child reads its arguments with :func:`contender_args`."""
+    results = {}
+    for name in names:
+        spec = json.dumps([name, args.batch, str(device), torch.get_num_threads(), args.quick])
+        results[name] = measure_in_child(script, [spec])
+        print(f"  peak memory {name}: {results[name]['peak'] / 2**20:.0f} MiB")
+    return results
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                    align: str | None = None) -> str:
     """A GitHub table; ``align`` is one letter per column (l or r), default: first left."""
