@@ -30,10 +30,11 @@ from common import (
     PeakMemory,
     add_common_args,
     command_line,
+    contender_args,
     interleaved_min,
     machine_description,
     markdown_table,
-    measure_in_child,
+    measure_contenders,
     report,
     scanobjectnn_model,
     setup,
@@ -109,9 +110,7 @@ def persistent_bytes(model: torch.nn.Module, optimizer_state: dict) -> int:
 
 def child(argv: list[str]) -> None:
     """Peak memory of two training steps of one contender, as one JSON line."""
-    contender, batch, device, threads, quick = json.loads(argv[0])
-    torch.set_num_threads(threads)
-    device = torch.device(device)
+    contender, batch, device, quick = contender_args(argv)
     cfg = scanobjectnn_model(quick)
     points, labels = synthetic_batch(batch, 256 if quick else 2048, device)
     with PeakMemory(device) as mem:
@@ -157,13 +156,7 @@ def main() -> None:
     times = interleaved_min(steps, repeats, device)
     del steps, models
 
-    memory = {}
-    if not args.no_memory:
-        threads = torch.get_num_threads()
-        for name in names:
-            payload = json.dumps([name, batch, str(device), threads, args.quick])
-            memory[name] = measure_in_child(Path(__file__), [payload])
-            print(f"  peak memory {name}: {memory[name]['peak'] / 2**20:.0f} MiB")
+    memory = {} if args.no_memory else measure_contenders(Path(__file__), names, args, device)
 
     text = render(args, device, batch, repeats, names, times, memory, trainable)
     if args.ablation:
