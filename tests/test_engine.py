@@ -415,12 +415,31 @@ def test_random_backbone_warning_only_for_peft_without_weights():
     from pointclora.engine.build import run_warnings
 
     def cfg(method, pretrained):
-        return {"adapter": {"method": method}, "model": {"pretrained": pretrained}}
+        return {"adapter": {"method": method}, "model": {"pretrained": pretrained},
+                "data": {"name": "modelnet40"}}
 
     assert "RANDOMLY INITIALISED" in run_warnings(cfg("clora", None))[0]
     assert "linear" in run_warnings(cfg("linear", None))[0]
     assert run_warnings(cfg("full", None)) == []
     assert run_warnings(cfg("clora", "pretrain.pth")) == []
+
+
+@pytest.mark.parametrize("data, options, expected, not_expected", [
+    ("modelnet40", {}, ["accuracy", "near chance", "3.45% measured on ModelNet40"], ["mIoU"]),
+    ("modelnet40", {"num_category": 10}, ["accuracy", "near chance"], ["ModelNet40"]),
+    ("scanobjectnn", {}, ["accuracy", "near chance"], ["ModelNet40", "mIoU"]),
+    ("vtab1k", {}, ["accuracy", "near chance"], ["ModelNet40", "mIoU"]),
+    ("shapenetpart", {}, ["part mIoU"], ["accuracy", "chance", "ModelNet40"]),
+])
+def test_random_backbone_warning_speaks_of_the_run_task(data, options, expected, not_expected):
+    """The ModelNet40 figure only where it was measured; each task's own metric."""
+    from pointclora.engine.build import run_warnings
+
+    cfg = {"adapter": {"method": "lora"}, "model": {"pretrained": None},
+           "data": {"name": data, **options}}
+    (warning,) = run_warnings(cfg)
+    assert all(text in warning for text in expected), warning
+    assert not any(text in warning for text in not_expected), warning
 
 
 def test_a_dataset_belongs_to_one_task():

@@ -76,10 +76,9 @@ def run_warnings(cfg: dict) -> list[str]:
     found = [normalization_warning(cfg)]  # image weights fed inputs they were not trained on
     if method != "full" and not cfg["model"].get("pretrained"):
         found.append(f"model.pretrained is null: adapter.method={method} trains on a FROZEN, "
-                     "RANDOMLY INITIALISED backbone. Expect accuracy far below published "
-                     "numbers (near chance on real data: 3.45% on ModelNet40); set "
-                     "model.pretrained to the official pre-training file, or use "
-                     "adapter.method=full")
+                     "RANDOMLY INITIALISED backbone. Expect "
+                     f"{build_task(cfg).random_backbone_outcome()}; set model.pretrained to "
+                     "the official pre-training file, or use adapter.method=full")
     return [w for w in found if w]
 
 
