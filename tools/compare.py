@@ -30,6 +30,7 @@ import yaml
 
 from pointclora.adapters import METHODS, resolve_options
 from pointclora.analysis import build_adapted, complexity_report
+from pointclora.analysis.report import example_input
 from pointclora.config import add_override_argument, load_config
 from pointclora.engine import cleanup, fit, init_distributed
 from pointclora.engine.rundir import check_output_file
@@ -72,7 +73,8 @@ def _cost(cfg: dict) -> dict:
     """Parameters and cost of the deployed model; a cost that cannot be measured is
     reported as such (the trained results are kept either way)."""
     try:
-        report = complexity_report(build_adapted(cfg), cfg["data"]["npoints"], executed=False)
+        report = complexity_report(build_adapted(cfg), example_input(cfg["data"]),
+                                   executed=False)
     except (ValueError, RuntimeError, KeyError) as err:
         return {"cost_error": f"{type(err).__name__}: {err}"}
     deployed = report["merged"] or report
@@ -123,7 +125,7 @@ def markdown(rows: list[dict], title: str) -> str:
     notes = [f"- {r['method']}: cost not measured ({r['cost_error']})"
              for r in rows if "cost_error" in r]
     lines += ["", "std: population standard deviation over the seeds (ddof=0). GFLOPs: fvcore "
-              "convention, one cloud; GMACs modules: the thop-style convention of published "
+              "convention, one sample; GMACs modules: the thop-style convention of published "
               "figures; both for the model as deployed (merged where the method can merge).",
               *notes]
     return "\n".join(lines) + "\n"
