@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from official_forward import official_block
 from torch import nn
 
 from pointclora.adapters import (
@@ -100,19 +101,6 @@ def dense_q(q: torch.Tensor) -> torch.Tensor:
     out[0, 0], out[0, 1:], out[1:, 0] = q0, -qb, qb
     out[1:, 1:] = torch.eye(n - 1, dtype=q.dtype) - torch.outer(qb, qb) / (1 + q0)
     return out
-
-
-def point_mae_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Point-MAE pre-norm block written out (eval mode): attention with explicit softmax."""
-    heads = block.attn.num_heads
-    B, N, C = x.shape
-    h = F.layer_norm(x, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    q, k, v = (h @ block.attn.qkv.weight.t()).reshape(B, N, 3, heads, C // heads).unbind(2)
-    scores = torch.einsum("bnhc,bmhc->bhnm", q, k) / math.sqrt(C // heads)
-    mixed = torch.einsum("bhnm,bmhc->bnhc", scores.softmax(-1), v).reshape(B, N, C)
-    x = x + block.attn.proj(mixed)
-    h = F.layer_norm(x, (C,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
-    return x + block.mlp.fc2(F.gelu(block.mlp.fc1(h)))
 
 
 # --- every case: what trains, identity, files, merge refusal -------------------------------
@@ -216,7 +204,7 @@ def test_vpt_deep_equation(aoft, backbone):
     wrapper = backbone.blocks.blocks[0]
     prompts = dense_q(wrapper.vpt_q.detach())[:, :3].t() if aoft else wrapper.vpt_prompts
     x = torch.randn(2, 7, D)
-    full = point_mae_block(wrapper.base_layer, torch.cat([x, prompts.expand(2, -1, -1)], 1))
+    full = official_block(wrapper.base_layer, torch.cat([x, prompts.expand(2, -1, -1)], 1))
     torch.testing.assert_close(wrapper(x), full[:, :7], atol=1e-5, rtol=1e-5)
 
 
@@ -283,7 +271,7 @@ def test_idpt_equation(backbone):
     conv, bn, _ = gen.fuse
     fused = F.leaky_relu(bn_eval(bn, torch.cat(levels, -1) @ conv.weight[:, :, 0].t()), 0.2)
     prompt = fused.amax(1) + wrapper.idpt_prompt_pos
-    expected = point_mae_block(wrapper.base_layer, torch.cat([x, prompt[:, None]], 1))
+    expected = official_block(wrapper.base_layer, torch.cat([x, prompt[:, None]], 1))
     torch.testing.assert_close(wrapper(x), expected, atol=1e-4, rtol=1e-4)  # prompt kept
 
 
@@ -379,7 +367,7 @@ def test_pointgst_equation(backbone, points):
             us = spectra.local_basis[b, g]
             extra[b, idx] += us @ tune(us.t() @ patches[b, idx], wrapper.pgst_norm_local)
     h = torch.cat([h[:, :1], h[:, 1:] + extra], 1)
-    expected = point_mae_block(wrapper.base_layer, x) + 0.5 * (
+    expected = official_block(wrapper.base_layer, x) + 0.5 * (
         h @ wrapper.pgst_up.weight.t() + wrapper.pgst_up.bias)
     torch.testing.assert_close(wrapper(x), expected, atol=1e-4, rtol=1e-4)
 

@@ -8,17 +8,12 @@ import statistics
 
 import pytest
 import yaml
-from conftest import load_tool
+from conftest import TINY_RUN, load_tool, merged
 
 compare_tool = load_tool("compare")
-TINY = {
-    "model": {"name": "point_mae", "num_group": 8, "group_size": 8, "trans_dim": 32, "depth": 1,
-              "num_heads": 2, "encoder_dims": 32, "drop_path_rate": 0.0, "pretrained": None},
-    "adapter": {"method": "lora", "r": 2},
-    "data": {"name": "synthetic", "num_classes": 3, "samples_per_class": 6, "npoints": 64,
-             "protocol": "A"},
-    "train": {"epochs": 1, "batch_size": 6, "lr": 5.0e-3, "warmup_epochs": 0, "num_workers": 0},
-}
+# TINY_RUN with lora (r=2) as the config's own method, 3 classes of 6 clouds
+TINY = merged(TINY_RUN, adapter={"method": "lora", "r": 2},
+              data={"num_classes": 3, "samples_per_class": 6}, train={"batch_size": 6})
 METHODS = ["lora", "vpt_deep:num_prompts=2,aoft=true"]
 
 
