@@ -29,7 +29,7 @@ def write(path, **train):
     return path
 
 
-def test_train_and_test_a_segmentation_run(tmp_path):
+def test_train_and_test_a_segmentation_run(tmp_path, capsys):
     run = tmp_path / "run"
     assert train_tool.main(["--config", str(write(tmp_path / "c.yaml")), "--out", str(run),
                             "--device", "cpu"]) == 0
@@ -43,10 +43,20 @@ def test_train_and_test_a_segmentation_run(tmp_path):
     assert metrics["parameters"]["trainable"] < metrics["parameters"]["total"]  # lora
     assert "part segmentation" in metrics["protocol"]
     out = tmp_path / "test.json"
+    capsys.readouterr()
     assert test_tool.main(["--ckpt", str(run / "checkpoints/last.pth"), "--json", str(out),
                            "--device", "cpu"]) == 0
     tested = json.loads(out.read_text())
     assert tested["ins_miou"] == pytest.approx(metrics["final_ins_miou"])  # same evaluation
+    # The headline names the task's metrics, now and as saved: the mIoUs, "point accuracy".
+    headline = capsys.readouterr().out.splitlines()[0]
+    now, saved = headline.split("; at save time ")
+    for text, value in ((now, tested), (saved, {k[6:]: v for k, v in metrics.items()
+                                                 if k.startswith("final_")})):
+        assert f"instance mIoU {value['ins_miou']:.2f}%" in text
+        assert f"class mIoU {value['cls_miou']:.2f}%" in text
+        assert f"point accuracy {value['acc']:.2f}%" in text
+    assert saved.endswith("without voting")
     assert tested["per_category_miou"] == per_category
     visualize = load_tool("visualize")
     vis = tmp_path / "vis"

@@ -165,6 +165,8 @@ def test_test_tool_reports_mean_class_accuracy_per_class_table_and_confusion(tra
     assert result["per_class_acc"] == metrics["per_class_acc"]
     assert result["confusion"] == metrics["confusion"]
     assert f"mean class {metrics['best_macc']:.2f}%" in printed
+    assert (f"; at save time accuracy {metrics['best_acc']:.2f}% (mean class "
+            f"{metrics['best_macc']:.2f}%) without voting") in printed.splitlines()[0]
     for name, row in metrics["per_class_acc"].items():
         assert any(line.split() == [name, f"{row['acc']:.2f}", "12"]
                    for line in printed.splitlines()), name

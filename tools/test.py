@@ -25,6 +25,7 @@ from pointclora.config import (
 from pointclora.engine import cleanup, init_distributed, load_checkpoint
 from pointclora.engine.evaluate import evaluate_checkpoint
 from pointclora.engine.rundir import check_output_file
+from pointclora.engine.tasks import TASKS
 
 JSON_MARK = "tools/test.py"  # `written_by` of the result files this tool may replace
 
@@ -66,10 +67,11 @@ def _own_result(path: Path) -> bool:
 def report(result: dict, ckpt: dict) -> str:
     """The printed result: headline metrics, how they were obtained, per-class tables."""
     saved = ckpt.get("metrics") or {}
+    task = TASKS[result["task"]]()
     lines = [f"test {result['summary']}; voting: {result['voting']}; {result['samples']} "
              f"samples, checkpoint epoch {result['epoch']}"]
-    if "acc" in saved:
-        lines[0] += f"; at save time accuracy {saved['acc']:.2f}% without voting"
+    if task.best_metric in saved:  # in the task's own words (its metric names)
+        lines[0] += f"; at save time {task.summary(saved)} without voting"
     stats = result.get("repeat_stats")
     if stats:
         lines.append(f"over the {result['repeats']} repeats: {stats['metric']} mean "

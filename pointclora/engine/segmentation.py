@@ -82,8 +82,8 @@ class PartSegmentationTask(Task):
             for name, miou in metrics["per_category_miou"].items() if miou is not None}}
 
     def summary(self, metrics):
-        return (f"ins_miou {metrics['ins_miou']:.2f} cls_miou {metrics['cls_miou']:.2f} "
-                f"acc {metrics['acc']:.2f}")
+        return (f"instance mIoU {metrics['ins_miou']:.2f}% (class mIoU "
+                f"{metrics['cls_miou']:.2f}%, point accuracy {metrics['acc']:.2f}%)")
 
     def figures(self, metrics, class_names, run_dir, title):
         """``per_category.png``: the mIoU of every category with test shapes."""
