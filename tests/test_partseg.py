@@ -287,6 +287,46 @@ def test_point_bert_pretrain_file_loads_into_its_segmentation_model(tmp_path):
     assert torch.equal(model.reduce_dim.weight, source.reduce_dim.weight)
 
 
+@pytest.mark.parametrize("backbone, cls, name", [
+    ("point_mae", PointMAEPartSeg, "point_mae_partseg"),
+    ("point_bert", PointBERTPartSeg, "point_bert_partseg"),
+])
+def test_backbone_option_selects_the_encoder(backbone, cls, name):
+    """``name: partseg, backbone: ...`` builds the same model, key for key and weight for
+    weight, as the encoder's own model name; encoder_dims null is that encoder's width."""
+    from pointclora.models import build_model
+
+    options = {**SMALL, "encoder_dims": None}
+    torch.manual_seed(0)
+    model = build_model({"name": "partseg", "backbone": backbone, **options})
+    torch.manual_seed(0)
+    width = 48 if backbone == "point_mae" else 256  # trans_dim, or Point-BERT's own
+    named = build_model({"name": name, **SMALL, "encoder_dims": width})
+    assert type(model) is cls and model.encoder.out_dims == width
+    ours, theirs = model.state_dict(), named.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_backbone_option_loads_its_encoder_file_and_rejects_unknown_encoders(tmp_path):
+    from pointclora.config import load_config
+    from pointclora.models import build_model
+
+    source = randomise(small(PointBERTPartSeg), seed=10)
+    path = tmp_path / "bert_partseg.pth"
+    torch.save({"base_model": source.state_dict()}, path)  # a fine-tuned segmentation file
+    model = build_model({"name": "partseg", "backbone": "point_bert", **SMALL,
+                         "pretrained": str(path)})
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"model.backbone must be one of \['point_bert', "
+                                         r"'point_mae'\].*'pointnet'"):
+        build_model({"name": "partseg", "backbone": "pointnet", **SMALL})
+    recipe = Path(__file__).parents[1] / "configs/shapenetpart/partseg_point_bert.yaml"
+    assert load_config(recipe)["model"]["backbone"] == "point_bert"
+    with pytest.raises(ValueError, match="model.backbone must be a string"):
+        load_config(recipe, ["model.backbone=3"])
+
+
 # ---------------------------------------------------------------- adapters
 
 

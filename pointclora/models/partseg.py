@@ -6,6 +6,7 @@ features after three blocks, a category embedding (``label_conv``), 3-NN feature
 from the patch centres to every point (``propagation_0``) and a per-point head
 (``convs1..3``, ``bns1..2``). ``PointBERTPartSeg`` puts the same head on the Point-BERT
 trunk (``reduce_dim`` after the mini-PointNet), as the point-cloud PEFT repositories do.
+``model.name: partseg`` picks either with ``model.backbone: point_mae | point_bert``.
 """
 from __future__ import annotations
 
@@ -304,3 +305,31 @@ class PointBERTPartSeg(PartSegmentation):
     def embed_patches(self, neighborhood: torch.Tensor) -> torch.Tensor:
         return self.reduce_dim(super().embed_patches(neighborhood))
 
+
+
+PARTSEG_BACKBONES = {"point_mae": PointMAEPartSeg, "point_bert": PointBERTPartSeg}
+
+
+@register_backbone("partseg")
+def build_partseg(backbone: str = "point_mae", num_parts: int = 50, num_categories: int = 16,
+                  num_group: int = 128, group_size: int = 32, trans_dim: int = 384,
+                  depth: int = 12, num_heads: int = 6, encoder_dims: int | None = None,
+                  drop_path_rate: float = 0.1,
+                  fetch_blocks: tuple[int, int, int] | list[int] | None = None
+                  ) -> PartSegmentation:
+    """The segmentation model on the ``backbone`` encoder (``point_mae``: ``PointMAEPartSeg``,
+    ``point_bert``: ``PointBERTPartSeg``), the classes of ``point_mae_partseg`` /
+    ``point_bert_partseg``. ``encoder_dims`` null: the encoder's own width, ``trans_dim`` for
+    Point-MAE (it has no ``reduce_dim``), the official 256 for Point-BERT."""
+    if backbone not in PARTSEG_BACKBONES:
+        raise ValueError(f"model.backbone must be one of {sorted(PARTSEG_BACKBONES)} for the "
+                         f"part-segmentation model; got {backbone!r}")
+    options = dict(num_parts=num_parts, num_categories=num_categories, num_group=num_group,
+                   group_size=group_size, trans_dim=trans_dim, depth=depth,
+                   num_heads=num_heads, drop_path_rate=drop_path_rate,
+                   fetch_blocks=fetch_blocks)
+    if encoder_dims is None and backbone == "point_mae":
+        encoder_dims = trans_dim
+    if encoder_dims is not None:
+        options["encoder_dims"] = encoder_dims
+    return PARTSEG_BACKBONES[backbone](**options)
