@@ -93,7 +93,7 @@ def simulate_training(model: nn.Module, points: torch.Tensor) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
         model.train()(points)
     model.eval()
 
