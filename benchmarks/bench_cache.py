@@ -15,6 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import numpy as np
 import torch
 

@@ -19,6 +19,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import torch
 from common import cpu_model
 

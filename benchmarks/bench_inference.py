@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import copy
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import torch
 from common import (
     add_common_args,

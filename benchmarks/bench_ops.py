@@ -25,6 +25,9 @@ import platform
 import time
 from pathlib import Path
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import numpy as np
 import torch
 from common import interleaved_min, machine_description, scanobjectnn_model

@@ -22,6 +22,9 @@ import json
 import sys
 from pathlib import Path
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 from common import (

@@ -18,6 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,9 @@ Inputs as in the official loop: points ``(B, 3, N)`` and the one-hot category ``
 """
 from __future__ import annotations
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 from reference_pointmae import Encoder, Group

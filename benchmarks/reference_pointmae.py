@@ -14,6 +14,9 @@ compare the network code only. The state-dict keys are the official ones, the sa
 """
 from __future__ import annotations
 
+import pointclora  # noqa: F401  (first: OpenMP's wait policy is set before torch loads)
+
+# isort: split
 import torch
 from timm.layers import DropPath
 from torch import nn
