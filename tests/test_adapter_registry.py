@@ -332,3 +332,26 @@ def test_vit_base_patch16_224_takes_clora(timm, vit_defaults):
     d, lrms, p, r = 768, 12 * 4, 4, 8
     tokens, head = 768 + 197 * 768, 768 * 10 + 10
     assert parameter_report(vit)["trainable"] == p * 2 * d * r + lrms * p * r * r + tokens + head
+
+
+def test_stock_timm_vit_takes_clora_with_only_the_adapters_imported():
+    """A user's first lines: no import of pointclora.models, no option naming a module."""
+    import subprocess
+    import sys
+    script = (
+        "from pointclora.adapters import apply_adapter, merge_adapter\n"
+        "import timm, torch\n"
+        "m = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=10,"
+        " img_size=32, depth=2).eval()\n"
+        "x = torch.randn(2, 3, 32, 32)\n"
+        "ref = m(x)\n"
+        "apply_adapter(m, 'clora')\n"
+        "assert torch.equal(m(x), ref)\n"
+        "names = {n for n, p in m.named_parameters() if p.requires_grad}\n"
+        "assert {'head.weight', 'cls_token', 'pos_embed'} <= names, names\n"
+        "assert not any(n.startswith('patch_embed') for n in names), names\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
