@@ -32,6 +32,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.10",
         "matplotlib>=3.5",
+        "pillow",  # image datasets read their files with it
         "open3d>=0.17",
         "ninja",  # torch.utils.cpp_extension builds the point ops with it
     ],
