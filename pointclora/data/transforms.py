@@ -17,8 +17,6 @@ import torch
 from pointclora import ops
 
 from .common import DataError
-from .images import IMAGE_DATASETS, image_protocol
-from .shapenetpart import PART_DATASETS, part_protocol
 
 FPS_POOL = {1024: 1200, 2048: 2400, 4096: 4800, 8192: 8192}
 MODES = ("train", "test", "vote")
@@ -48,11 +46,7 @@ def _up_axis(cfg: dict) -> str:
 
 
 def protocol_description(cfg_data: dict) -> str:
-    """One line naming the sampling and augmentation a run used, for its results."""
-    if cfg_data.get("name") in IMAGE_DATASETS:
-        return image_protocol(cfg_data)
-    if cfg_data.get("name") in PART_DATASETS:
-        return part_protocol(cfg_data)
+    """One line naming the point sampling and augmentation a classification run used."""
     npoints = int(cfg_data.get("npoints", 1024))
     pool = FPS_POOL.get(npoints, npoints)
     aug = PROTOCOLS[_protocol(cfg_data)].format(up=f"{_up_axis(cfg_data)} axis up")

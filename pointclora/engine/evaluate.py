@@ -13,8 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from pointclora.data import protocol_description
-
 from .build import amp_dtype, build_datasets, resolve_config
 from .checkpoint import restore_model, seed_everything
 from .distributed import DistInfo, all_gather_object
@@ -122,7 +120,7 @@ def evaluate_checkpoint(cfg: dict, ckpt: dict, info: DistInfo, views: int = 1,
               "repeats": repeats,
               "voting": voting_name(views, repeats), "samples": len(test_set),
               "epoch": ckpt.get("epoch"), "method": cfg["adapter"]["method"],
-              "protocol": protocol_description(cfg["data"])}
+              "protocol": task.protocol()}
     if repeats > 1:
         values = np.array([run[key] for run in runs])
         result["repeat_stats"] = {"metric": key, "best_repeat": chosen,

@@ -7,7 +7,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pointclora.data.shapenetpart import SHAPENETPART_PARTS, build_part_augment
+from pointclora.data.shapenetpart import (
+    PART_DATASETS,
+    SHAPENETPART_PARTS,
+    build_part_augment,
+    part_protocol,
+)
 
 from .metrics import part_miou, restrict_to_category
 from .tasks import Task, register_task
@@ -25,7 +30,7 @@ class PartSegmentationTask(Task):
     """
 
     name = "part_segmentation"
-    datasets = ("shapenetpart", "synthetic_parts")
+    datasets = PART_DATASETS
     log_metrics = ("ins_miou", "cls_miou", "acc")
     best_metric = "ins_miou"
 
@@ -46,6 +51,9 @@ class PartSegmentationTask(Task):
 
     def transform(self, mode: str) -> Callable:
         return build_part_augment(self.cfg["data"], mode)
+
+    def protocol(self) -> str:
+        return part_protocol(self.cfg["data"])
 
     def prepare(self, batch, device, transform):
         points, category, parts = batch

@@ -16,6 +16,8 @@ The engine (`trainer.fit`, `evaluate.collect`) asks a task, in this order:
   (floats); other entries (tensors, dicts) are details kept in checkpoints.
 - `details(metrics, class_names)`: the JSON-friendly details for `metrics.json` and `tools/test.py`.
 - `figures(metrics, class_names, run_dir, title)`: end-of-run figures.
+- `protocol()`: one line naming the sampling / preprocessing and augmentation, recorded with
+  the results.
 
 `best_metric` (a key of `log_metrics`, higher is better) picks `best.pth`. `log_metrics` are
 the test columns of `log.csv` (`test_<key>`). A new task is one class with `@register_task`
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pointclora.data.images import IMAGE_DATASETS
+from pointclora.data.images import IMAGE_DATASETS, image_protocol
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -96,6 +98,10 @@ class Task:
     def details(self, metrics: dict, class_names: Sequence[str]) -> dict:
         return {}
 
+    def protocol(self) -> str:
+        """One line naming the sampling / preprocessing and augmentation, for the results."""
+        raise NotImplementedError
+
     def random_backbone_outcome(self) -> str:
         """What to expect from adapters on a frozen, randomly initialised backbone (the
         warning a run without pretrained weights gives)."""
@@ -152,6 +158,11 @@ class ClassificationTask(Task):
         from pointclora.data import build_batch_transform
 
         return build_batch_transform(self.cfg["data"], mode)
+
+    def protocol(self) -> str:
+        from pointclora.data import protocol_description
+
+        return protocol_description(self.cfg["data"])
 
     def prepare(self, batch, device, transform):
         inputs, labels = batch
@@ -211,6 +222,9 @@ class ImageClassificationTask(ClassificationTask):
 
     def transform(self, mode: str) -> Callable:
         return _unchanged
+
+    def protocol(self) -> str:
+        return image_protocol(self.cfg["data"])
 
 
 def _unchanged(batch: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,6 @@ from tqdm import tqdm
 
 from pointclora.adapters import parameter_report, regularization_loss
 from pointclora.config import dump_config
-from pointclora.data import protocol_description
 
 from .build import (
     DERIVED,
@@ -331,7 +330,7 @@ def _announce(run: Run) -> None:
                 cfg["model"]["name"], cfg["data"]["name"], run.task.name,
                 cfg["adapter"]["method"], info.world_size, "es" if info.distributed else "",
                 info.device)
-    logger.info("protocol: %s", protocol_description(cfg["data"]))
+    logger.info("protocol: %s", run.task.protocol())
     logger.info("parameters: %s trainable of %s (%s without the head)",
                 f"{params['trainable']:,}", f"{params['total']:,}",
                 f"{params['trainable_no_head']:,}")
@@ -459,7 +458,7 @@ def _finish(run: Run) -> dict:
         "final_epoch": last["epoch"],
         "method": cfg["adapter"]["method"], "backbone": cfg["model"]["name"],
         "pretrained": cfg["model"].get("pretrained"), "dataset": cfg["data"]["name"],
-        "protocol": protocol_description(cfg["data"]),
+        "protocol": task.protocol(),
         "voting": "none (tools/test.py --vote N evaluates with voting)",
         "parameters": parameter_report(run.core), "epochs": run.tcfg["epochs"],
         "world_size": info.world_size, "device": str(info.device),
