@@ -389,13 +389,13 @@ def _optimise(run: Run, loss: torch.Tensor, params: list) -> None:
 def _evaluate(run: Run, epoch: int, row: dict) -> bool:
     """Test the model when due (every `val_every` epochs and after the last); adds the test
     metrics to `row`, updates the run state; whether this is the best evaluation so far."""
+    tcfg, state, task = run.tcfg, run.state, run.task
+    if (epoch + 1) % tcfg["val_every"] and epoch != tcfg["epochs"] - 1:
+        return False
     # DDP keeps buffers (BatchNorm statistics) per process; rank 0's are the ones saved,
     # so every rank evaluates with them (training is unaffected: DDP broadcasts rank 0's
     # buffers before each forward anyway).
     broadcast_buffers(run.core)
-    tcfg, state, task = run.tcfg, run.state, run.task
-    if (epoch + 1) % tcfg["val_every"] and epoch != tcfg["epochs"] - 1:
-        return False
     test_set = run.datasets["test"]
     records = collect(run.core, test_set, task, run.transforms["test"], run.info,
                       run.batch_size, seed=tcfg["seed"], num_workers=tcfg["num_workers"],
