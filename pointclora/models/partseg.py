@@ -122,6 +122,7 @@ class PartSegmentation(nn.Module):
     }
 
     group = PointTransformer.group
+    embed_patches = PointTransformer.embed_patches
     load_pretrained = PointTransformer.load_pretrained
 
     def __init__(self, num_parts: int = 50, num_categories: int = 16, num_group: int = 128,
@@ -172,8 +173,6 @@ class PartSegmentation(nn.Module):
     def _add_bridge(self, encoder_dims: int, trans_dim: int) -> None:
         raise NotImplementedError
 
-    def embed_patches(self, neighborhood: torch.Tensor) -> torch.Tensor:
-        return PointTransformer.embed_patches(self, neighborhood)
 
     def one_hot(self, category: torch.Tensor, batch: int) -> torch.Tensor:
         """Category ids ``(B,)`` or one-hot ``(B, C)`` / ``(B, 1, C)`` -> float ``(B, C)``."""
@@ -271,12 +270,7 @@ class PointMAEPartSeg(PartSegmentation):
     """Official Point-MAE ShapeNetPart model (``segmentation/models/pt.py: get_model``)."""
 
     checkpoint = _spec(PointMAE, ("blocks.blocks.", "propagation_0."))
-
-    def _add_bridge(self, encoder_dims: int, trans_dim: int) -> None:
-        if encoder_dims != trans_dim:
-            raise ValueError(f"Point-MAE feeds the mini-PointNet output straight into the "
-                             f"transformer: encoder_dims ({encoder_dims}) must equal trans_dim "
-                             f"({trans_dim})")
+    _add_bridge = PointMAE._add_bridge  # the same trunk: no reduce_dim
 
 
 @register_backbone("point_bert_partseg")
@@ -299,8 +293,7 @@ class PointBERTPartSeg(PartSegmentation):
                          depth=depth, num_heads=num_heads, encoder_dims=encoder_dims,
                          drop_path_rate=drop_path_rate, fetch_blocks=fetch_blocks)
 
-    def _add_bridge(self, encoder_dims: int, trans_dim: int) -> None:
-        self.reduce_dim = nn.Linear(encoder_dims, trans_dim)
+    _add_bridge = PointBERT._add_bridge  # reduce_dim after the mini-PointNet
 
     def embed_patches(self, neighborhood: torch.Tensor) -> torch.Tensor:
         return self.reduce_dim(super().embed_patches(neighborhood))
