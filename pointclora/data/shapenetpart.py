@@ -47,11 +47,6 @@ Published by the PointNet++ authors (Qi et al., Stanford) as
 shapenetcore_partanno_segmentation_benchmark_v0_normal.zip (ShapeNet terms of use)."""
 
 
-def part_ranges(categories: list[str]) -> np.ndarray:
-    """``(C, 2)`` first and last part label of each category."""
-    return np.array([[SHAPENETPART_PARTS[c][0], SHAPENETPART_PARTS[c][-1]] for c in categories])
-
-
 def pc_normalize(xyz: np.ndarray) -> np.ndarray:
     """Official ``pc_normalize``: subtract the centroid, divide by the largest norm."""
     xyz = xyz - xyz.mean(axis=0)
