@@ -23,12 +23,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, command_line, cpu_model, markdown_table, report
+from common import ROOT, command_line, cpu_model, markdown_table, report, with_busy
 
 TARGET = 2.5
 SETTINGS = {"pointclora default (OMP_WAIT_POLICY=PASSIVE)": {},
             "OpenMP default (POINTCLORA_OMP_DEFAULTS=0)": {"POINTCLORA_OMP_DEFAULTS": "0"}}
-BUSY_LOOP = "while True: pass"
 
 
 def train_epochs(out: Path, env_extra: dict, overrides: list[str]) -> list[float]:
@@ -43,17 +42,6 @@ def train_epochs(out: Path, env_extra: dict, overrides: list[str]) -> list[float
         raise SystemExit(f"training failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
     with open(out / "log.csv", newline="") as f:
         return [float(r["epoch_time"]) for r in csv.DictReader(f) if not r["test_acc"]]
-
-
-def with_busy(count: int, run):
-    """Run `run()` while `count` processes each spin one core."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
-    try:
-        return run()
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 def main() -> int:

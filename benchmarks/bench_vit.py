@@ -6,14 +6,18 @@ the adapter regulariser, backward, an AdamW step over the trainable parameters. 
 libraries: rank 8, alpha 16, no dropout, on the fused ``attn.qkv`` (our ``split_qkv`` off, so
 one (A, B) pair per layer as PEFT builds it), the head trainable (PEFT's ``modules_to_save``),
 tokens frozen: the same trainable parameters, checked. The other methods use their defaults.
+"frozen floor" trains only the qkv biases and the head: the same backward through every block
+as LoRA on qkv, with no low-rank work, so no LoRA implementation can take less time.
 Contenders run interleaved and keep their minimum (``common.interleaved_min``); peak memory is
 measured in a fresh process per contender. Each method's merged model must compute what the
 adapted one does, and load strictly into a fresh timm model.
 
     python benchmarks/bench_vit.py [--batch 4] [--repeats 5] [--device cpu|cuda] [--quick]
-                                   [--no-memory] [--no-peft]
+                                   [--no-memory] [--no-peft] [--busy N]
 
-``--quick``: a 2-block ViT at 32 pixels, one repetition (a smoke run; nothing is written).
+``--busy N``: time the steps while N other processes each keep one core busy (a busy
+neighbour); written to ``vit_busy.md``. ``--quick``: a 2-block ViT at 32 pixels, one
+repetition (a smoke run; nothing is written).
 """
 from __future__ import annotations
 
@@ -40,12 +44,14 @@ from common import (
     report,
     setup,
     sync,
+    with_busy,
 )
 
 from pointclora.adapters import apply_adapter, merge_adapter, parameter_report, regularization_loss
 from pointclora.models.vit import build_vit
 
-METHODS = ("full", "lora", "peft lora", "clora", "serial_lora", "aoft")
+FLOOR = "frozen floor"
+METHODS = ("full", "lora", "peft lora", FLOOR, "clora", "serial_lora", "aoft")
 LORA = dict(r=8, alpha=16.0, target_modules=["attn.qkv"], split_qkv=False, train_tokens=False)
 CLASSES = 10
 
@@ -68,6 +74,9 @@ def build(contender: str, state: dict, quick: bool, device: torch.device) -> tor
         model = get_peft_model(model, config)
     elif contender == "lora":
         apply_adapter(model, "lora", **LORA)
+    elif contender == FLOOR:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("head.") or name.endswith("attn.qkv.bias"))
     else:
         apply_adapter(model, contender)
     return model.to(device)
@@ -127,6 +136,8 @@ def main() -> None:
     add_common_args(parser, repeats=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-peft", action="store_true", help="leave HF PEFT out")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="processes keeping one core busy each while timing (default 0)")
     args = parser.parse_args()
     explicit = args.batch
     device = setup(args)
@@ -143,10 +154,10 @@ def main() -> None:
                          f"PEFT {trainable['peft lora']:,}")
     steps = {name: make_step(m, images, labels) for name, m in models.items()}
     print(machine_description(device))
-    times = interleaved_min(steps, args.repeats, device)
+    times = with_busy(args.busy, lambda: interleaved_min(steps, args.repeats, device))
     sync(device)
     diffs = {name: merge_check(name, models[name], state, args.quick, images[:2])
-             for name in names if name != "peft lora"}
+             for name in names if name not in ("peft lora", FLOOR)}
     memory = {} if args.no_memory else {
         name: result["peak"]
         for name, result in measure_contenders(Path(__file__), names, args, device).items()}
@@ -165,14 +176,16 @@ def main() -> None:
     headers += ["peak MiB", "memory / full"] if memory else []
     headers.append("merged vs adapted, max abs diff")
     size = "2-block ViT-Ti at 32 px" if args.quick else "ViT-B/16 at 224 px"
+    busy = f", {args.busy} busy neighbour process(es)" if args.busy else ""
     text = "\n".join([
-        f"# Training step on a timm {size}, batch {args.batch}, {device}", "",
+        f"# Training step on a timm {size}, batch {args.batch}, {device}{busy}", "",
         f"`{command_line()}`", "", machine_description(device), "",
         f"Minimum over {args.repeats} interleaved repetitions. LoRA and PEFT LoRA: r=8, alpha 16 "
-        "on the fused attn.qkv, head trainable. Peak memory: fresh process per contender, "
-        "two steps, weights counted.", "",
+        f"on the fused attn.qkv, head trainable. {FLOOR}: only the qkv biases and the head "
+        "train, the same backward with no low-rank work (a lower bound for any LoRA). "
+        "Peak memory: fresh process per contender, two steps, weights counted.", "",
         markdown_table(headers, rows)])
-    report("vit", text, args)
+    report("vit_busy" if args.busy else "vit", text, args)
 
 
 if __name__ == "__main__":

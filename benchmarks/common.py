@@ -243,6 +243,17 @@ def measure_contenders(script: Path, names: Sequence[str], args: argparse.Namesp
     return results
 
 
+def with_busy(count: int, run: Callable[[], object]):
+    """``run()`` while ``count`` other processes each keep one core busy (a busy neighbour)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        return run()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
                    align: str | None = None) -> str:
     """A GitHub table; ``align`` is one letter per column (l or r), default: first left."""
