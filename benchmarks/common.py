@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -114,10 +115,10 @@ def machine_description(device: torch.device) -> str:
     return "; ".join(parts)
 
 
-def interleaved_min(contenders: dict[str, Callable[[], object]], repeats: int,
-                    device: torch.device, warmup: int = 1,
-                    log: Callable[[str], None] | None = print) -> dict[str, float]:
-    """Minimum wall time (s) of each contender over ``repeats`` interleaved rounds.
+def interleaved_times(contenders: dict[str, Callable[[], object]], repeats: int,
+                      device: torch.device, warmup: int = 1,
+                      log: Callable[[str], None] | None = print) -> dict[str, list[float]]:
+    """Wall times (s) of each contender in ``repeats`` interleaved rounds.
 
     Round ``i`` runs the contenders in an order rotated by ``i``, so none always follows the
     same neighbour; ``warmup`` untimed rounds come first.
@@ -139,7 +140,21 @@ def interleaved_min(contenders: dict[str, Callable[[], object]], repeats: int,
         if log:
             log(f"  round {i + 1}/{repeats}: " + ", ".join(
                 f"{n} {times[n][-1] * 1e3:.0f}" for n in names) + " ms")
+    return times
+
+
+def interleaved_min(contenders: dict[str, Callable[[], object]], repeats: int,
+                    device: torch.device, warmup: int = 1,
+                    log: Callable[[str], None] | None = print) -> dict[str, float]:
+    """Minimum wall time (s) of each contender over ``repeats`` interleaved rounds."""
+    times = interleaved_times(contenders, repeats, device, warmup, log)
     return {name: min(ts) for name, ts in times.items()}
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time over ``reference``'s in the same round: on a
+    machine whose speed drifts, steadier than a ratio of minima."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def _status_kib(field: str) -> int | None:
