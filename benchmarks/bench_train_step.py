@@ -12,9 +12,10 @@ minimum over the repetitions; peak memory is measured in a fresh process per con
                                           [--ablation] [--quick]
 
 ``--ablation`` adds, for every low-rank method, two other training paths next to the one the
-adapters use (``LowRankLinearFunction``: forward ``(W + Delta W) x``, backward through the
-low-rank factors): "dense", plain autograd on ``(W + Delta W) x``, whose backward forms a
-``d_out x d_in`` weight gradient, and "factored", plain autograd on ``W x + up (down x)``.
+adapters use (``LowRankLinearFunction``: forward ``W x + up (down x)``, a hand-written backward
+through the low-rank factors): "dense", plain autograd on ``(W + Delta W) x``, whose backward
+forms a ``d_out x d_in`` weight gradient, and "factored", plain autograd on
+``W x + up (down x)``.
 """
 from __future__ import annotations
 

@@ -18,6 +18,9 @@ adapted one does, and load strictly into a fresh timm model.
     python benchmarks/bench_vit.py [--batch 4] [--repeats 5] [--device cpu|cuda] [--quick]
                                    [--no-memory] [--no-peft] [--busy N]
 
+A second table times one adapted layer alone (block 0's qkv, forward + backward at the step's
+token count): the frozen ``nn.Linear``, our LoRA layer and PEFT's.
+
 ``--busy N``: time the steps while N other processes each keep one core busy (a busy
 neighbour); written to ``vit_busy.md``. ``--quick``: a 2-block ViT at 32 pixels, one
 repetition (a smoke run; nothing is written).
@@ -122,6 +125,30 @@ def merge_check(name: str, model: torch.nn.Module, state: dict, quick: bool,
         return (fresh(images) - adapted).abs().max().item()
 
 
+def qkv_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """Block 0's qkv projection of a contender (PEFT nests the timm model two levels down)."""
+    core = model.base_model.model if hasattr(model, "base_model") else model
+    return core.blocks[0].attn.qkv
+
+
+def layer_table(models: dict[str, torch.nn.Module], tokens: int, repeats: int,
+                device: torch.device) -> str:
+    """Forward + backward of block 0's qkv alone, gradient to the input as inside the model."""
+    layers = {"frozen nn.Linear": qkv_layer(models[FLOOR]).requires_grad_(False),
+              "lora": qkv_layer(models["lora"]), "peft lora": qkv_layer(models["peft lora"])}
+    x = torch.randn(tokens, layers["lora"].in_features, device=device, requires_grad=True)
+    g = torch.randn(tokens, layers["lora"].out_features, device=device)
+    samples = interleaved_times({n: (lambda m=m: m(x).backward(g)) for n, m in layers.items()},
+                                repeats, device, log=None)
+    rows = [[name, f"{min(samples[name]) * 1e3:.2f}",
+             f"{paired_ratio(samples, name, 'peft lora'):.2f}"] for name in layers]
+    return "\n".join([
+        f"## One qkv layer ({layers['lora'].in_features} -> {layers['lora'].out_features}), "
+        f"forward + backward at {tokens:,} tokens", "",
+        f"{repeats} interleaved rounds; ms is the minimum, the ratio the median per-round ratio.",
+        "", markdown_table(["layer", "ms", "time / PEFT LoRA"], rows)])
+
+
 def child(argv: list[str]) -> None:
     """Peak memory of two training steps of one contender, as one JSON line."""
     contender, n, device, quick = contender_args(argv)
@@ -161,6 +188,11 @@ def main() -> None:
     steps = {name: make_step(m, images, labels) for name, m in models.items()}
     print(machine_description(device))
     samples = with_busy(args.busy, lambda: interleaved_times(steps, args.repeats, device))
+    layers = ""
+    if "peft lora" in models:  # before merge_check, which merges the models in place
+        tokens = args.batch * (1 + (32 // 16 if args.quick else 224 // 16) ** 2)
+        layers = with_busy(args.busy, lambda: layer_table(
+            models, tokens, 1 if args.quick else 20, device))
     sync(device)
     diffs = {name: merge_check(name, models[name], state, args.quick, images[:2])
              for name in names if name not in ("peft lora", FLOOR)}
@@ -193,6 +225,8 @@ def main() -> None:
         "train, the same backward with no low-rank work (a lower bound for any LoRA). "
         "Peak memory: fresh process per contender, two steps, weights counted.", "",
         markdown_table(headers, rows)])
+    if layers:
+        text += "\n\n" + layers
     report("vit_busy" if args.busy else "vit", text, args)
 
 
