@@ -139,7 +139,7 @@ def test_synthetic_images_written_in_the_vtab_layout_read_back(tmp_path):
                         "img_size": 16, "test_split": "val200"}, "test")
     images, _ = generate_images(2, 4, 16, split="train")
     assert len(ds) == 2 and ds.labels == [0, 1]
-    assert torch.from_numpy(np.asarray(ds.load(1))).permute(2, 0, 1).equal(images[7])  # lossless
+    assert torch.from_numpy(np.array(ds.load(1))).permute(2, 0, 1).equal(images[7])  # lossless
     with pytest.raises(FileExistsError):
         write_vtab_layout(tmp_path, "synth")
     assert (folder / "images" / "train800val200" / "000007.png").is_file()
