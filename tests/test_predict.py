@@ -79,6 +79,12 @@ def test_reader_names_bad_files(tmp_path):
     (tmp_path / "c.pcd").write_bytes(b"FIELDS x y z\nPOINTS 1\nDATA binary_compressed\n\0\0")
     with pytest.raises(DataError, match="binary_compressed needs Open3D"):
         read_points(tmp_path / "c.pcd", use_open3d=False)
+    (tmp_path / "nan.txt").write_text("0 0 0\n1 nan 2\n")
+    with pytest.raises(DataError, match=r"nan.txt: NaN or inf coordinates"):
+        read_points(tmp_path / "nan.txt")
+    (tmp_path / "point.txt").write_text("1 2 3\n1 2 3\n")
+    with pytest.raises(DataError, match=r"point.txt: .*only zeros or one repeated point"):
+        read_points(tmp_path / "point.txt")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +149,7 @@ def test_older_checkpoint_without_names_uses_its_data_config(run, capsys):
 
 
 def test_predict_refuses_too_few_points(run, capsys):
-    np.save(run / "small.npy", np.zeros((10, 3), np.float32))
+    np.save(run / "small.npy", np.random.default_rng(0).random((10, 3), dtype=np.float32))
     code, out = _predict(["--ckpt", str(run / "run/checkpoints/last.pth"),
                           str(run / "small.npy")], capsys)
     assert code == 2 and "10 points, fewer than the 64" in out.err

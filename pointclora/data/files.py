@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .common import DataError
+from .common import DataError, check_points
 
 SUFFIXES = (".txt", ".xyz", ".csv", ".npy", ".ply", ".pcd")
 _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2",
@@ -48,9 +49,8 @@ def read_points(path: str | Path, use_open3d: bool = True) -> np.ndarray:
     if xyz.ndim != 2 or xyz.shape[1] < 3 or len(xyz) == 0:
         raise DataError(f"{path}: expected rows of x, y, z[, ...], got an array of shape "
                         f"{xyz.shape}")
-    xyz = xyz[:, :3].astype(np.float32)
-    if not np.isfinite(xyz).all():
-        raise DataError(f"{path}: NaN or inf coordinates")
+    xyz = np.ascontiguousarray(xyz[:, :3], dtype=np.float32)
+    check_points(torch.from_numpy(xyz)[None], str(path))
     return xyz
 
 

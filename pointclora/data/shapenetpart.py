@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import DataError, missing
+from .common import DataError, missing, normalize_unit_sphere
 
 # category -> its part labels (the official ``seg_classes``), in the category order.
 SHAPENETPART_PARTS = {
@@ -45,12 +45,6 @@ shapenetcore_partanno_segmentation_benchmark_v0_normal/     data.root
   02691156/<id>.txt ...                     rows "x y z nx ny nz part" (part 0..49)
 Published by the PointNet++ authors (Qi et al., Stanford) as
 shapenetcore_partanno_segmentation_benchmark_v0_normal.zip (ShapeNet terms of use)."""
-
-
-def pc_normalize(xyz: np.ndarray) -> np.ndarray:
-    """Official ``pc_normalize``: subtract the centroid, divide by the largest norm."""
-    xyz = xyz - xyz.mean(axis=0)
-    return xyz / max(float(np.sqrt((xyz**2).sum(axis=1)).max()), 1e-12)
 
 
 def read_shape(path: Path, category: str) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +157,8 @@ class ShapeNetPart(Dataset):
         if index not in self._cache:
             category, path = self.files[index]
             points, parts = read_shape(path, self.class_names[category])
-            points[:, :3] = pc_normalize(points[:, :3])
+            # the official pc_normalize: centroid subtracted, largest norm scaled to 1
+            points[:, :3] = normalize_unit_sphere(torch.from_numpy(points[:, :3])).numpy()
             points = points if self.normals else np.ascontiguousarray(points[:, :3])
             self._cache[index] = points, parts.astype(np.uint8)
         return self._cache[index]
