@@ -28,8 +28,8 @@ class LowRankLinearFunction(torch.autograd.Function):
     ``grad_down[j] = (g_j up[j])^T x``. Rank-sized products are computed transposed (``(R,
     tokens)`` outputs), which BLAS runs several times faster than ``(tokens, R)`` ones.
     Against forming ``W + Delta W`` in the forward and again in the backward this saves
-    11-50% of the layer's training time (ViT-B/16 qkv, 200-6304 tokens;
-    benchmarks/bench_vit.py).
+    50% (200 tokens) to 2% (6,304 tokens) of a ViT-B/16 qkv layer's training time
+    (docs/performance.md).
     """
 
     @staticmethod
@@ -38,11 +38,11 @@ class LowRankLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, weight.shape[1])
         y = F.linear(x2, weight, bias)  # under autocast: half precision, and so is the rest
         dtype = y.dtype
-        hidden_t = down.reshape(n * rank, -1).to(dtype) @ x2.t().to(dtype)  # h^T (nR, tokens)
-        up = up.to(dtype)
+        up, down = up.to(dtype), down.reshape(n * rank, -1).to(dtype)
+        hidden_t = down @ x2.t().to(dtype)  # h^T (nR, tokens)
         for j, h_j in enumerate(hidden_t.split(rank)):
             y[:, j * slice_out:(j + 1) * slice_out].addmm_(h_j.t(), up[j].t())
-        ctx.save_for_backward(x, weight, up, down, hidden_t)
+        ctx.save_for_backward(x, weight, up, down, hidden_t)  # up, down in the compute dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -54,13 +54,11 @@ class LowRankLinearFunction(torch.autograd.Function):
         g = grad.reshape(-1, weight.shape[0])
         x2 = x.reshape(-1, weight.shape[1]).to(dtype)
         g_slices = g.split(slice_out, dim=1)  # strided views, no copy
-        up = up.to(dtype)
         grad_x = grad_w = grad_b = grad_up = grad_down = None
         if need_x or need_down:
             g_up_t = torch.cat([u.t() @ g_j.t() for u, g_j in zip(up, g_slices, strict=True)])
         if need_x:
-            down_flat = down.reshape(n * rank, -1).to(dtype)
-            grad_x = (g @ weight.to(dtype)).addmm_(g_up_t.t(), down_flat).view(x.shape)
+            grad_x = (g @ weight.to(dtype)).addmm_(g_up_t.t(), down).view(x.shape)
         if need_w:
             grad_w = g.t() @ x2
         if need_b:
