@@ -131,11 +131,15 @@ def qkv_layer(model: torch.nn.Module) -> torch.nn.Module:
     return core.blocks[0].attn.qkv
 
 
-def layer_table(models: dict[str, torch.nn.Module], tokens: int, repeats: int,
+def layer_table(models: dict[str, torch.nn.Module], batch: int, repeats: int,
                 device: torch.device) -> str:
-    """Forward + backward of block 0's qkv alone, gradient to the input as inside the model."""
-    layers = {"frozen nn.Linear": qkv_layer(models[FLOOR]).requires_grad_(False),
-              "lora": qkv_layer(models["lora"]), "peft lora": qkv_layer(models["peft lora"])}
+    """Forward + backward of block 0's qkv alone at the step's token count, gradient to the
+    input as inside the model."""
+    vit = models["lora"]
+    tokens = batch * (vit.patch_embed.num_patches + vit.num_prefix_tokens)
+    ours = qkv_layer(models["lora"])
+    layers = {"frozen nn.Linear": ours.base_layer, "lora": ours,
+              "peft lora": qkv_layer(models["peft lora"])}
     x = torch.randn(tokens, layers["lora"].in_features, device=device, requires_grad=True)
     g = torch.randn(tokens, layers["lora"].out_features, device=device)
     samples = interleaved_times({n: (lambda m=m: m(x).backward(g)) for n, m in layers.items()},
@@ -175,7 +179,7 @@ def main() -> None:
     explicit = args.batch
     device = setup(args)
     if explicit is None and device.type == "cpu" and not args.quick:
-        args.batch = 4  # the issue's CPU setting: ViT-B/16, batch 4, 224 px
+        args.batch = 4  # the CPU setting of the README table: ViT-B/16, batch 4, 224 px
     names = [m for m in METHODS if not (args.no_peft and m == "peft lora")]
     torch.manual_seed(0)
     state = build_vit(cls_dim=CLASSES, **vit_options(args.quick)).state_dict()
@@ -190,9 +194,8 @@ def main() -> None:
     samples = with_busy(args.busy, lambda: interleaved_times(steps, args.repeats, device))
     layers = ""
     if "peft lora" in models:  # before merge_check, which merges the models in place
-        tokens = args.batch * (1 + (32 // 16 if args.quick else 224 // 16) ** 2)
         layers = with_busy(args.busy, lambda: layer_table(
-            models, tokens, 1 if args.quick else 20, device))
+            models, args.batch, 1 if args.quick else 20, device))
     sync(device)
     diffs = {name: merge_check(name, models[name], state, args.quick, images[:2])
              for name in names if name not in ("peft lora", FLOOR)}
