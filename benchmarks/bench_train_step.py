@@ -82,7 +82,7 @@ def factored_forward(module: LowRankLinear):
     def forward(x: torch.Tensor) -> torch.Tensor:
         up, down = module.factors()
         hidden = F.linear(x, down.reshape(-1, module.in_features))
-        up = up[0] if module.n_slices == 1 else torch.block_diag(*up)
+        up = up[0] if len(up) == 1 else torch.block_diag(*up)
         return module.base_layer(x) + F.linear(hidden, up)
     return forward
 

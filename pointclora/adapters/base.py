@@ -121,8 +121,8 @@ class LowRankLinear(AdapterLayer):
         self.slice_out = base_layer.out_features // n_slices
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``up (n_slices, out/n_slices, R)`` and ``down (n_slices, R, in)``: slice ``j`` of
-        ``Delta W`` is ``up[j] @ down[j]``."""
+        """``up (n, out/n, R)`` and ``down (n, R, in)``: row block ``j`` of ``Delta W`` is
+        ``up[j] @ down[j]``; ``n`` is ``n_slices``, or 1 where the slices share ``down``."""
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:

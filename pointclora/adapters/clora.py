@@ -144,14 +144,18 @@ class CLoRALinear(LowRankLinear):
         return self.bank.down[str(self.in_features)], self.bank.up[str(self.slice_out)]
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``up = alpha [U_1; ...; U_p]^T`` (shared by the slices), ``down_j = [D_h Q_h^j]_h^T``."""
+        """One pair for the whole layer, the slices stacked in ``up``: ``down = [D_1 .. D_p]^T``
+        and ``up_j = alpha (Q^j U)^T`` with ``Q^j = diag(Q_1^j .. Q_p^j)``, ``U = [U_1; ..;
+        U_p]``. The slices share ``D``, so a fused qkv costs one rank-``pr`` product ``x D``,
+        not one per slice (``(D Q^j)^T`` as the down factor of each slice: 3x the
+        down-projection work, and 3 products instead of one)."""
         down, up = self._spaces()
         p, r = self.bank.p, self.bank.r
-        dq = torch.einsum("hir,jhrs->jhsi", down, self.clora_Q)  # (D_h Q_h^j)^T
-        up = up.reshape(p * r, self.slice_out).t()
+        mixed = self.clora_Q @ up  # (n, p, r, d_out / n): Q_h^j U_h
         if self.alpha != 1:
-            up = self.alpha * up
-        return up.expand(self.n_slices, -1, -1), dq.reshape(self.n_slices, p * r, -1)
+            mixed = self.alpha * mixed
+        up = mixed.permute(0, 3, 1, 2).reshape(1, self.out_features, p * r)
+        return up, down.transpose(1, 2).reshape(1, p * r, self.in_features)
 
     def regularization(self) -> torch.Tensor | None:
         if self.sade_weight == 0:
