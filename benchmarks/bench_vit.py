@@ -48,6 +48,7 @@ from common import (
     markdown_table,
     measure_contenders,
     paired_ratio,
+    ratio_text,
     report,
     setup,
     sync,
@@ -144,12 +145,13 @@ def layer_table(models: dict[str, torch.nn.Module], batch: int, repeats: int,
     g = torch.randn(tokens, layers["lora"].out_features, device=device)
     samples = interleaved_times({n: (lambda m=m: m(x).backward(g)) for n, m in layers.items()},
                                 repeats, device, log=None)
-    rows = [[name, f"{min(samples[name]) * 1e3:.2f}",
-             f"{paired_ratio(samples, name, 'peft lora'):.2f}"] for name in layers]
+    rows = [[name, f"{min(samples[name]) * 1e3:.2f}", ratio_text(samples, name, "peft lora")]
+            for name in layers]
     return "\n".join([
         f"## One qkv layer ({layers['lora'].in_features} -> {layers['lora'].out_features}), "
         f"forward + backward at {tokens:,} tokens", "",
-        f"{repeats} interleaved rounds; ms is the minimum, the ratio the median per-round ratio.",
+        f"{repeats} interleaved rounds; ms is the minimum, the ratio the median per-round ratio "
+        "(95% bootstrap interval).",
         "", markdown_table(["layer", "ms", "time / PEFT LoRA"], rows)])
 
 
@@ -207,7 +209,7 @@ def main() -> None:
         row = [name, f"{trainable[name]:,}", f"{min(samples[name]) * 1e3:.0f}",
                f"{paired_ratio(samples, name, 'full'):.2f}"]
         if "peft lora" in samples:
-            row.append(f"{paired_ratio(samples, name, 'peft lora'):.2f}")
+            row.append(ratio_text(samples, name, "peft lora"))
         if memory:
             row += [f"{memory[name] / 2**20:.0f}", f"{memory[name] / memory['full']:.2f}"]
         row.append(f"{diffs[name]:.1e}" if name in diffs else "")
@@ -222,7 +224,8 @@ def main() -> None:
         f"# Training step on a timm {size}, batch {args.batch}, {device}{busy}", "",
         f"`{command_line()}`", "", machine_description(device), "",
         f"{args.repeats} interleaved rounds: step ms is the minimum, a ratio the median over "
-        "rounds of the two contenders' times in the same round. LoRA and PEFT LoRA: r=8, alpha 16 "
+        "rounds of the two contenders' times in the same round (in brackets: 95% bootstrap "
+        "interval of that median). LoRA and PEFT LoRA: r=8, alpha 16 "
         "on the fused attn.qkv, head trainable; the other methods at their defaults, tokens "
         f"frozen in every adapter row. {FLOOR}: only the qkv biases and the head "
         "train, the same backward with no low-rank work (a lower bound for any LoRA). "
