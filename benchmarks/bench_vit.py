@@ -10,6 +10,8 @@ except the tokens, frozen in every adapter row as in PEFT's (training them costs
 the same backward through the first block), so the rows differ by the method only.
 "frozen floor" trains only the qkv biases and the head: the same backward through every block
 as LoRA on qkv, with no low-rank work, so no LoRA implementation can take less time.
+"peft lora, 2nd copy" is a second, identical PEFT model: its ratio to the first shows how far
+two identical contenders differ in the run (the precision of the table's ratios).
 Contenders run interleaved (``common.interleaved_times``): the table gives each one's minimum
 and, as ratios, the median over rounds of the time ratio within a round; peak memory is
 measured in a fresh process per contender. Each method's merged model must compute what the
@@ -59,7 +61,8 @@ from pointclora.adapters import apply_adapter, merge_adapter, parameter_report, 
 from pointclora.models.vit import build_vit
 
 FLOOR = "frozen floor"
-METHODS = ("full", "lora", "peft lora", FLOOR, "clora", "serial_lora", "aoft")
+CONTROL = "peft lora, 2nd copy"  # the same model again: how far identical contenders differ
+METHODS = ("full", "lora", "peft lora", FLOOR, "clora", "serial_lora", "aoft", CONTROL)
 LORA = dict(r=8, alpha=16.0, target_modules=["attn.qkv"], split_qkv=False, train_tokens=False)
 CLASSES = 10
 
@@ -74,7 +77,7 @@ def build(contender: str, state: dict, quick: bool, device: torch.device) -> tor
     """The contender's model on ``device``, every one from the same initial weights."""
     model = build_vit(cls_dim=CLASSES, **vit_options(quick))
     model.load_state_dict(state)
-    if contender == "peft lora":
+    if contender in ("peft lora", CONTROL):
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
@@ -182,7 +185,7 @@ def main() -> None:
     device = setup(args)
     if explicit is None and device.type == "cpu" and not args.quick:
         args.batch = 4  # the CPU setting of the README table: ViT-B/16, batch 4, 224 px
-    names = [m for m in METHODS if not (args.no_peft and m == "peft lora")]
+    names = [m for m in METHODS if not (args.no_peft and m in ("peft lora", CONTROL))]
     torch.manual_seed(0)
     state = build_vit(cls_dim=CLASSES, **vit_options(args.quick)).state_dict()
     images, labels = batch(args.batch, args.quick, device)
@@ -200,10 +203,10 @@ def main() -> None:
             models, args.batch, 1 if args.quick else 20, device))
     sync(device)
     diffs = {name: merge_check(name, models[name], state, args.quick, images[:2])
-             for name in names if name not in ("peft lora", FLOOR)}
+             for name in names if name not in ("peft lora", FLOOR, CONTROL)}
     memory = {} if args.no_memory else {
-        name: result["peak"]
-        for name, result in measure_contenders(Path(__file__), names, args, device).items()}
+        name: result["peak"] for name, result in measure_contenders(
+            Path(__file__), [n for n in names if n != CONTROL], args, device).items()}
     rows = []
     for name in names:
         row = [name, f"{trainable[name]:,}", f"{min(samples[name]) * 1e3:.0f}",
@@ -211,7 +214,8 @@ def main() -> None:
         if "peft lora" in samples:
             row.append(ratio_text(samples, name, "peft lora"))
         if memory:
-            row += [f"{memory[name] / 2**20:.0f}", f"{memory[name] / memory['full']:.2f}"]
+            row += ([f"{memory[name] / 2**20:.0f}", f"{memory[name] / memory['full']:.2f}"]
+                    if name in memory else ["", ""])
         row.append(f"{diffs[name]:.1e}" if name in diffs else "")
         rows.append(row)
     headers = ["method", "trainable params", "step ms", "time / full"]
@@ -229,6 +233,7 @@ def main() -> None:
         "on the fused attn.qkv, head trainable; the other methods at their defaults, tokens "
         f"frozen in every adapter row. {FLOOR}: only the qkv biases and the head "
         "train, the same backward with no low-rank work (a lower bound for any LoRA). "
+        f"{CONTROL}: the PEFT model again, a control for the precision of the ratios. "
         "Peak memory: fresh process per contender, two steps, weights counted.", "",
         markdown_table(headers, rows)])
     if layers:
