@@ -62,6 +62,7 @@ from pointclora.models.vit import build_vit
 
 FLOOR = "frozen floor"
 CONTROL = "peft lora, 2nd copy"  # the same model again: how far identical contenders differ
+PEFT_MODELS = ("peft lora", CONTROL)
 METHODS = ("full", "lora", "peft lora", FLOOR, "clora", "serial_lora", "aoft", CONTROL)
 LORA = dict(r=8, alpha=16.0, target_modules=["attn.qkv"], split_qkv=False, train_tokens=False)
 CLASSES = 10
@@ -77,7 +78,7 @@ def build(contender: str, state: dict, quick: bool, device: torch.device) -> tor
     """The contender's model on ``device``, every one from the same initial weights."""
     model = build_vit(cls_dim=CLASSES, **vit_options(quick))
     model.load_state_dict(state)
-    if contender in ("peft lora", CONTROL):
+    if contender in PEFT_MODELS:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
@@ -185,7 +186,7 @@ def main() -> None:
     device = setup(args)
     if explicit is None and device.type == "cpu" and not args.quick:
         args.batch = 4  # the CPU setting of the README table: ViT-B/16, batch 4, 224 px
-    names = [m for m in METHODS if not (args.no_peft and m in ("peft lora", CONTROL))]
+    names = [m for m in METHODS if not (args.no_peft and m in PEFT_MODELS)]
     torch.manual_seed(0)
     state = build_vit(cls_dim=CLASSES, **vit_options(args.quick)).state_dict()
     images, labels = batch(args.batch, args.quick, device)
@@ -203,7 +204,7 @@ def main() -> None:
             models, args.batch, 1 if args.quick else 20, device))
     sync(device)
     diffs = {name: merge_check(name, models[name], state, args.quick, images[:2])
-             for name in names if name not in ("peft lora", FLOOR, CONTROL)}
+             for name in names if name not in (*PEFT_MODELS, FLOOR)}
     memory = {} if args.no_memory else {
         name: result["peak"] for name, result in measure_contenders(
             Path(__file__), [n for n in names if n != CONTROL], args, device).items()}
@@ -233,8 +234,9 @@ def main() -> None:
         "on the fused attn.qkv, head trainable; the other methods at their defaults, tokens "
         f"frozen in every adapter row. {FLOOR}: only the qkv biases and the head "
         "train, the same backward with no low-rank work (a lower bound for any LoRA). "
-        f"{CONTROL}: the PEFT model again, a control for the precision of the ratios. "
-        "Peak memory: fresh process per contender, two steps, weights counted.", "",
+        + (f"{CONTROL}: the PEFT model again, a control for the precision of the ratios. "
+           if CONTROL in names else "")
+        + "Peak memory: fresh process per contender, two steps, weights counted.", "",
         markdown_table(headers, rows)])
     if layers:
         text += "\n\n" + layers

@@ -152,10 +152,14 @@ def interleaved_min(contenders: dict[str, Callable[[], object]], repeats: int,
     return {name: min(ts) for name, ts in times.items()}
 
 
+def _round_ratios(times: dict[str, list[float]], name: str, reference: str) -> list[float]:
+    return [a / b for a, b in zip(times[name], times[reference], strict=True)]
+
+
 def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
     """Median over rounds of ``name``'s time over ``reference``'s in the same round: on a
     machine whose speed drifts, steadier than a ratio of minima."""
-    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+    return statistics.median(_round_ratios(times, name, reference))
 
 
 def paired_ratio_interval(times: dict[str, list[float]], name: str, reference: str,
@@ -163,7 +167,7 @@ def paired_ratio_interval(times: dict[str, list[float]], name: str, reference: s
     """Bootstrap interval (percentiles, fixed seed) of :func:`paired_ratio`: on this kind of
     machine the median of a dozen rounds still moves by a few percent from run to run, so a
     target a few percent away is only met where the whole interval is."""
-    ratios = [a / b for a, b in zip(times[name], times[reference], strict=True)]
+    ratios = _round_ratios(times, name, reference)
     gen = random.Random(0)
     medians = sorted(statistics.median(gen.choices(ratios, k=len(ratios)))
                      for _ in range(resamples))
